@@ -1,0 +1,346 @@
+"""The run configuration: a tree of typed dataclasses loaded from one JSON file.
+
+One JSON file plus ``--set a.b=c`` overrides is the single source of truth for a run.
+Every component receives only its own sub-config. Unknown keys, wrong types and
+inconsistent values raise ``ValueError`` naming the key, the file and the fix; the
+resolved config is written into the run directory (``save_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class LLMConfig:
+    """The Qwen2-shaped decoder; both MoT experts share these shapes (DESIGN §1)."""
+
+    hidden_size: int = 3584  # model width D
+    num_layers: int = 28  # decoder layers, each holding both experts
+    num_heads: int = 28  # query heads
+    num_kv_heads: int = 4  # key/value heads (GQA); must divide num_heads
+    head_dim: int = 128  # per-head width; q/k/v projections are num_heads * head_dim wide
+    intermediate_size: int = 18944  # SwiGLU inner width
+    rope_theta: float = 1_000_000.0  # RoPE base
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm in the decoder
+    qkv_bias: bool = True  # q/k/v projections carry a bias (Qwen2)
+    o_bias: bool = False  # o projection bias (Qwen2 has none)
+    qk_norm: bool = True  # RMSNorm over head_dim on q and k before RoPE (BAGEL)
+    tie_word_embeddings: bool = False  # share embedding and LM head (BAGEL: untied)
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    freeze_1d_expert: bool = False  # BAGEL's freeze_und: no gradient into the 1D expert
+
+
+@dataclass
+class ViTConfig:
+    """SigLIP-so400m/14 vision tower, NaViT style (variable resolution, per-image attention)."""
+
+    hidden_size: int = 1152  # ViT width
+    intermediate_size: int = 4304  # ViT MLP inner width
+    num_heads: int = 16  # ViT attention heads
+    num_layers: int = 27  # layers in the pretrained tower
+    select_layer: int = -2  # output of this layer is used (-2: 26 of 27 layers run)
+    patch_size: int = 14  # pixels per patch side
+    max_patches_per_side: int = 70  # side S of the learned position table (S*S rows)
+    layer_norm_eps: float = 1e-6  # epsilon of the ViT LayerNorms
+    num_channels: int = 3  # image channels
+
+    @property
+    def num_layers_used(self) -> int:
+        """Layers that actually run: BAGEL drops the layers after ``select_layer``."""
+        return self.num_layers + 1 + self.select_layer if self.select_layer < 0 else self.select_layer
+
+
+@dataclass
+class VAEConfig:
+    """The FLUX autoencoder (frozen): 16 latent channels, 8x downsampling."""
+
+    latent_channels: int = 16  # z channels
+    base_channels: int = 128  # `ch` of FLUX's AE
+    channel_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # ch_mult
+    num_res_blocks: int = 2  # residual blocks per resolution
+    in_channels: int = 3  # image channels
+    scale_factor: float = 0.3611  # latent = scale * (z - shift)
+    shift_factor: float = 0.1159  # see scale_factor
+    sample_posterior: bool = True  # z = mean + std * eps when encoding for training (BAGEL)
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell along one side."""
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+
+@dataclass
+class VocabConfig:
+    """The extended vocabulary: the pretrained text vocabulary, then MODUS's new tokens."""
+
+    text_vocab_size: int = 152064  # rows of the pretrained (BAGEL/Qwen2) vocabulary
+    vision_start_id: int | None = 151652  # <|vision_start|> inside the text vocab; None: append a new token
+    vision_end_id: int | None = 151653  # <|vision_end|> inside the text vocab; None: append a new token
+    coordinate_bins: int = 1000  # box coordinate tokens (detection, grounding)
+    codebook_size: int = 8192  # tokens per feature codebook (one per feature modality)
+    vocab_multiple: int = 128  # the extended vocabulary is padded to a multiple of this
+
+
+@dataclass
+class ModelConfig:
+    """The whole MODUS model: decoder, vision tower, autoencoder and the 2D in/out modules."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    latent_patch_size: int = 2  # VAE latent cells per 2D token side (2x2x16 = 64 dims)
+    max_latent_size: int = 64  # side of the latent position table, in 2D tokens
+    timestep_frequency_dim: int = 256  # width of the sinusoidal timestep features
+    connector_act: Literal["gelu_pytorch_tanh"] = "gelu_pytorch_tanh"  # ViT connector act
+    zero_init_llm2vae: bool = True  # BAGEL zero-initialises the velocity head
+    attention_backend: Literal["auto", "reference", "flex", "cuda"] = "auto"  # ops.attention
+
+    @property
+    def patch_latent_dim(self) -> int:
+        """Width of one 2D token: latent_patch_size^2 * latent_channels."""
+        return self.latent_patch_size**2 * self.vae.latent_channels
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    """How samples become documents and documents become packed micro-batches."""
+
+    source: Literal["procedural"] = "procedural"  # where samples come from
+    num_samples: int = 512  # size of the procedural dataset
+    image_size: int = 64  # side of generated images, in pixels
+    token_budget: int = 1024  # tokens per packed micro-batch (static shape)
+    condition_mode_2d: Literal["vae", "vit", "both"] = "both"  # how a 2D condition enters
+    max_conditions: int = 3  # at most this many condition modalities per document
+    target_modalities: list[str] = field(default_factory=lambda: ["caption", "rgb"])  # sampled uniformly
+    seed: int = 1234  # seed of the data order and document sampling
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TimestepConfig:
+    """The flow-matching time sampler; t = 1 is pure noise (BAGEL's convention)."""
+
+    sampler: Literal["uniform", "logit_normal"] = "uniform"  # MODUS trains uniform t
+    logit_mean: float = 0.0  # mean of the normal before the sigmoid (logit_normal)
+    logit_std: float = 1.0  # std of the normal before the sigmoid (logit_normal)
+    shift: float = 1.0  # t <- s*t / (1 + (s-1)*t); 1 disables the shift
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then a constant or cosine schedule."""
+
+    lr: float = 1e-4  # peak learning rate
+    min_lr: float = 0.0  # floor of the cosine schedule
+    warmup_steps: int = 0  # linear warm-up length
+    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up
+    weight_decay: float = 0.0  # decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam betas
+    eps: float = 1e-8  # Adam epsilon (BAGEL: 1e-15 at bf16)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainingConfig:
+    """The training loop: steps, batch, losses, logging."""
+
+    steps: int = 100  # optimizer steps
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    seed: int = 0  # seed of weights init and noise
+    ce_weight: float = 1.0  # weight of the 1D cross-entropy in the total loss
+    mse_weight: float = 1.0  # weight of the 2D flow-matching MSE in the total loss
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log_every: int = 1  # steps between log lines
+    run_dir: str = "runs/default"  # outputs: resolved config, metrics.jsonl, loss curve
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout; dp is derived as world_size / (tp * pp)."""
+
+    tp: int = 1  # tensor-parallel degree; must divide the head counts
+    pp: int = 1  # pipeline-parallel degree; must divide num_layers
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3); 2 and 3 only with pp = 1
+
+
+@dataclass
+class ModusConfig:
+    """Root of the run configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ModusConfig:
+    """Read ``path`` (JSON), apply ``a.b=c`` overrides, validate, and return the tree."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist; pass --config with a path such as configs/tiny.json")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e}")
+    for item in overrides:
+        _apply_override(raw, item, path)
+    config = _build(ModusConfig, raw, source=str(path), prefix="")
+    validate(config, source=str(path))
+    return config
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ModusConfig:
+    """Build and validate a config from a plain dict (tests, checkpoints)."""
+    config = _build(ModusConfig, raw, source=source, prefix="")
+    validate(config, source=source)
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain JSON-ready data (what ``save_config`` writes)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: ModusConfig, path: str | Path) -> None:
+    """Write the resolved config as JSON, atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form a.b=c (e.g. training.steps=10)")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {key!r} is not a section in {path}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text  # bare strings need no quotes: data.source=procedural
+    node[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: {prefix or 'the top level'} must be a JSON object, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = prefix or "the top level"
+        raise ValueError(
+            f"{source}: unknown key {prefix + unknown[0]!r} in {where}; "
+            f"valid keys are {sorted(fields)}. Remove or rename it."
+        )
+    kwargs = {name: _coerce(hints[name], raw[name], source, prefix + name) for name in raw}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"{source}: {key} = {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(item_hint, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+        options = [o for o in typing.get_args(hint) if o is not type(None)]
+        return _coerce(options[0], value, source, key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ValueError(f"{source}: {key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(config: ModusConfig, source: str = "<config>") -> None:
+    """Check cross-field consistency; raise ``ValueError`` with the key, file and fix."""
+    llm, vit, par = config.model.llm, config.model.vit, config.parallel
+
+    def fail(key: str, msg: str) -> None:
+        raise ValueError(f"{source}: {key}: {msg}")
+
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
+        if getattr(llm, key) <= 0:
+            fail(f"model.llm.{key}", "must be positive")
+    if llm.num_heads % llm.num_kv_heads:
+        fail("model.llm.num_kv_heads", f"{llm.num_kv_heads} does not divide num_heads={llm.num_heads}; pick a divisor")
+    if llm.head_dim % 2:
+        fail("model.llm.head_dim", f"{llm.head_dim} must be even for RoPE")
+    if llm.hidden_size % 4:
+        fail("model.llm.hidden_size", "must be a multiple of 4 for the 2D sin-cos position tables")
+    if vit.hidden_size % vit.num_heads:
+        fail("model.vit.num_heads", f"{vit.num_heads} does not divide model.vit.hidden_size={vit.hidden_size}")
+    if not 1 <= vit.num_layers_used <= vit.num_layers:
+        fail("model.vit.select_layer", f"{vit.select_layer} selects no layer of {vit.num_layers}")
+    if par.tp < 1 or par.pp < 1:
+        fail("parallel.tp" if par.tp < 1 else "parallel.pp", "must be at least 1")
+    if llm.num_kv_heads % par.tp and par.tp % llm.num_kv_heads:
+        fail("parallel.tp", f"tp={par.tp} must divide num_kv_heads={llm.num_kv_heads} or be a multiple of it")
+    if llm.num_heads % par.tp:
+        fail("parallel.tp", f"tp={par.tp} does not divide model.llm.num_heads={llm.num_heads}; use a divisor")
+    if llm.intermediate_size % par.tp:
+        fail("parallel.tp", f"tp={par.tp} does not divide model.llm.intermediate_size={llm.intermediate_size}")
+    if llm.num_layers % par.pp:
+        fail("parallel.pp", f"pp={par.pp} does not divide model.llm.num_layers={llm.num_layers}")
+    if par.zero_stage not in (0, 1, 2, 3):
+        fail("parallel.zero_stage", f"{par.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+    if par.pp > 1 and par.zero_stage > 1:
+        fail(
+            "parallel.zero_stage",
+            f"ZeRO-{par.zero_stage} cannot be combined with pipeline parallelism (pp={par.pp}): DeepSpeed's "
+            "pipeline engine supports ZeRO 0 and 1 only. Use zero_stage 1 with pp > 1, or pp = 1 for ZeRO 2/3.",
+        )
+    from modus_mega.modalities import MODALITY_NAMES  # local import: modalities imports nothing from here
+
+    for name in config.data.target_modalities:
+        if name not in MODALITY_NAMES:
+            fail("data.target_modalities", f"unknown modality {name!r}; valid: {list(MODALITY_NAMES)}")
+    if not config.data.target_modalities:
+        fail("data.target_modalities", "must name at least one modality")
+    if config.data.token_budget < 16:
+        fail("data.token_budget", "must be at least 16 tokens")
+    if config.data.image_size % (config.model.vae.downsample * config.model.latent_patch_size):
+        fail("data.image_size", "must be a multiple of the VAE downsampling times latent_patch_size")
+    if config.training.grad_accum_steps < 1:
+        fail("training.grad_accum_steps", "must be at least 1")
+    if config.training.timesteps.shift <= 0:
+        fail("training.timesteps.shift", "must be positive")

@@ -1,0 +1,41 @@
+"""Install modus_mega. The CUDA extension in csrc/ is built only where CUDA is present.
+
+CPU install (pins the CPU wheel of torch first; an unpinned torch pulls CUDA packages):
+    pip install torch==2.13.0 && pip install --no-build-isolation -e .[test]
+GPU install (torch with CUDA already installed):
+    pip install --no-build-isolation -e .[gpu,test]
+"""
+
+from setuptools import find_packages, setup
+
+RUNTIME_REQUIREMENTS = [
+    "torch>=2.6",
+    "deepspeed>=0.16",
+    "megatron-core>=0.12,<0.17",
+    "transformers>=4.51",
+    "safetensors>=0.4",
+    "einops>=0.7",
+    "webdataset>=0.2.90",
+    "wandb>=0.17",
+    "tokenizers>=0.19",
+    "numpy>=1.24",
+    "pillow>=10",
+    "opencv-python-headless>=4.8",
+    "matplotlib>=3.7",
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6"],
+    "test": ["pytest>=8", "diffusers>=0.30"],
+}
+
+setup(
+    name="modus_mega",
+    version="0.1.0",
+    description="Trains MODUS, an any-to-any mixture-of-transformers over 15 modalities, at scale.",
+    packages=find_packages(include=["modus_mega", "modus_mega.*"]),
+    python_requires=">=3.10",
+    install_requires=RUNTIME_REQUIREMENTS,
+    extras_require=EXTRAS,
+)
