@@ -67,6 +67,7 @@ class VAEConfig:
     base_channels: int = 128  # `ch` of FLUX's AE
     channel_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # ch_mult
     num_res_blocks: int = 2  # residual blocks per resolution
+    norm_groups: int = 32  # GroupNorm groups in every autoencoder norm (FLUX: 32); must divide every width
     in_channels: int = 3  # image channels
     scale_factor: float = 0.3611  # latent = scale * (z - shift)
     shift_factor: float = 0.1159  # see scale_factor

@@ -1,0 +1,79 @@
+"""The MODUS objective: CE on the target's 1D tokens + flow-matching MSE on its 2D tokens.
+
+Each term is a SUM over this micro-batch's target tokens divided by the number of target
+tokens in the whole global batch (all micro-batches of the step, all data-parallel
+ranks), so gradient accumulation and data parallelism give the same gradient as one big
+batch (DESIGN §3). The MSE of a token is the mean over its P latent dims (BAGEL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from modus_mega.modalities import NUM_MODALITIES
+
+# (logits [N, V], labels [N]) -> per-token loss [N]; the vocab-parallel version lives in parallel/.
+CrossEntropyFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def serial_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-token cross-entropy [N] in fp32."""
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+@dataclass
+class LossBreakdown:
+    """The differentiable total plus detached sums for logging (divide sums by counts)."""
+
+    loss: Tensor  # scalar: ce_weight * CE + mse_weight * MSE, normalised by global counts
+    ce_sum: Tensor  # scalar, detached: summed per-token CE of this micro-batch
+    mse_sum: Tensor  # scalar, detached: summed per-token MSE
+    num_ce: int  # CE tokens in this micro-batch
+    num_mse: int  # MSE tokens in this micro-batch
+    modality_sum: Tensor  # [NUM_MODALITIES], detached: summed loss per target modality
+    modality_count: Tensor  # [NUM_MODALITIES]: tokens per target modality
+
+
+def modus_loss(
+    logits: Tensor,
+    labels: Tensor,
+    ce_modality: Tensor,
+    velocity: Tensor,
+    velocity_target: Tensor,
+    mse_modality: Tensor,
+    global_num_ce: int,
+    global_num_mse: int,
+    ce_weight: float = 1.0,
+    mse_weight: float = 1.0,
+    cross_entropy: CrossEntropyFn = serial_cross_entropy,
+) -> LossBreakdown:
+    """Weighted CE + MSE over target tokens.
+
+    logits [N_ce, V], labels / ce_modality [N_ce]; velocity / velocity_target [N_mse, P],
+    mse_modality [N_mse]. ``global_num_*`` count target tokens over the whole global
+    batch; a zero count (no such target anywhere) makes that term exactly zero.
+    """
+    ce_tokens = cross_entropy(logits, labels)  # [N_ce]
+    mse_tokens = (velocity.float() - velocity_target.float()).pow(2).mean(dim=-1)  # [N_mse]
+    ce = ce_tokens.sum() / max(global_num_ce, 1)
+    mse = mse_tokens.sum() / max(global_num_mse, 1)
+    loss = ce_weight * ce + mse_weight * mse
+
+    per_token = torch.cat([ce_tokens.detach(), mse_tokens.detach()])
+    modality = torch.cat([ce_modality, mse_modality]).long()
+    modality_sum = torch.zeros(NUM_MODALITIES, device=per_token.device).index_add_(0, modality, per_token)
+    modality_count = torch.bincount(modality, minlength=NUM_MODALITIES)
+    return LossBreakdown(
+        loss=loss,
+        ce_sum=ce_tokens.detach().sum(),
+        mse_sum=mse_tokens.detach().sum(),
+        num_ce=ce_tokens.numel(),
+        num_mse=mse_tokens.numel(),
+        modality_sum=modality_sum,
+        modality_count=modality_count,
+    )
