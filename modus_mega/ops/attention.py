@@ -1,0 +1,176 @@
+"""The attention contract of DESIGN §4 and the one place that picks its implementation.
+
+Legend: T = tokens in the packed micro-batch, Hq = query heads, Hkv = key/value heads,
+g = Hq // Hkv (GQA group), D = head dim.
+
+For every query token q and query head h, a backend computes
+
+    out[q, h] = sum_k softmax_k(scale * q[q, h] . k[k, h // g]) * v[k, h // g]
+
+over the keys k with ``lo[k] <= q < hi[k]`` (the column intervals of ``ops.mask``). KV head
+j serves query heads j*g .. j*g+g-1 (``repeat_interleave``, BAGEL's GQA). A query row that
+sees no key gives 0 (our layouts never make one).
+
+A backend splits the work in two: ``prepare(lo, hi)`` builds the per-micro-batch metadata
+once (block masks, tile lists), and every layer calls ``forward(q, k, v, prepared, scale)``.
+``get_attention_backend`` is the only place that chooses between the implementations:
+
+    reference  plain PyTorch, exact forward and backward (CPU runs, tests, fp32 oracle)
+    flex       torch FlexAttention with a BlockMask from lo/hi (GPU fallback)
+    cuda       the CUDA extension in csrc/ (``modus_mega.ops.cuda_attention``), GPU runs
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+
+AttentionBackendName = Literal["auto", "reference", "flex", "cuda"]
+
+_BACKEND_NAMES: tuple[str, ...] = get_args(AttentionBackendName)
+
+
+class AttentionBackend(ABC):
+    """One implementation of the masked GQA attention of DESIGN §4."""
+
+    name: str  # what logs and errors call this backend
+
+    @abstractmethod
+    def prepare(self, lo: Tensor, hi: Tensor) -> Any:
+        """Build the metadata of one micro-batch from its int32 ``lo, hi`` [T].
+
+        Called once per micro-batch; the result is passed to ``forward`` of every layer.
+        """
+
+    @abstractmethod
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, scale: float) -> Tensor:
+        """Masked attention of one micro-batch.
+
+        Args:
+            q: [T, Hq, D] queries.
+            k: [T, Hkv, D] keys; Hq % Hkv == 0.
+            v: [T, Hkv, D] values.
+            prepared: what ``prepare`` returned for this micro-batch.
+            scale: multiplies q . k before the softmax (usually 1 / sqrt(D)).
+
+        Returns:
+            [T, Hq, D] in q's dtype, contiguous.
+        """
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, num_tokens: int) -> None:
+    """Check q [T, Hq, D], k and v [T, Hkv, D] (one dtype, one device, Hq % Hkv == 0)."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"q, k, v must be [tokens, heads, head_dim], got shapes {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    if q.shape[0] != num_tokens or k.shape[0] != num_tokens:
+        raise ValueError(
+            f"q has {q.shape[0]} tokens and k has {k.shape[0]}, but lo/hi describe {num_tokens}; "
+            f"prepare() must be called with this micro-batch's lo/hi"
+        )
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k head dims differ: {q.shape[2]} vs {k.shape[2]}")
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"query heads ({num_q_heads}) must be a multiple of key/value heads ({num_kv_heads})"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+
+
+def _load_cuda_backend() -> tuple[type[AttentionBackend] | None, str]:
+    """The CUDA extension's backend class, or None and the reason it is unavailable."""
+    try:
+        cuda_attention = importlib.import_module("modus_mega.ops.cuda_attention")
+    except ImportError as error:
+        return None, f"modus_mega.ops.cuda_attention cannot be imported ({error})"
+    if not cuda_attention.HAVE_CUDA_ATTENTION:
+        return None, "modus_mega.ops.cuda_attention reports HAVE_CUDA_ATTENTION = False"
+    return cuda_attention.CudaAttention, ""
+
+
+def get_attention_backend(
+    name: AttentionBackendName, device: torch.device | str
+) -> AttentionBackend:
+    """Pick the attention implementation for a run on ``device``; the one place that picks.
+
+    ``"auto"``: the CUDA extension on a CUDA device when it is built, else FlexAttention on
+    CUDA, else the reference. Explicit names are honoured or refused with the fix:
+    ``"cuda"`` needs the built extension and a CUDA device; ``"flex"`` on CPU runs forward
+    only (torch has no CPU backward for FlexAttention), which ``forward`` enforces.
+    """
+    # Imported here: the backend modules subclass AttentionBackend from this module.
+    from modus_mega.ops.attention_flex import FlexAttention
+    from modus_mega.ops.attention_reference import ReferenceAttention
+
+    if name not in _BACKEND_NAMES:
+        raise ValueError(f"unknown attention backend {name!r}; use one of {_BACKEND_NAMES}")
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+
+    if name == "reference":
+        return ReferenceAttention()
+    if name == "flex":
+        return FlexAttention(compiled=on_cuda)
+
+    cuda_backend, reason = _load_cuda_backend()
+    if name == "cuda":
+        if not on_cuda:
+            raise ValueError(
+                f"attention backend 'cuda' runs on CUDA devices only, got device {device}; "
+                f"use 'auto' or 'reference' for CPU runs"
+            )
+        if cuda_backend is None:
+            raise ValueError(
+                f"attention backend 'cuda' is not available: {reason}. Build the extension on a "
+                f"CUDA machine (pip install --no-build-isolation -e .[gpu]) or set "
+                f"model.attention_backend to 'auto' or 'flex'"
+            )
+        return cuda_backend()
+
+    # name == "auto"
+    if on_cuda and cuda_backend is not None:
+        return cuda_backend()
+    if on_cuda:
+        return FlexAttention(compiled=True)
+    return ReferenceAttention()
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    *,
+    scale: float | None = None,
+    backend: AttentionBackendName = "auto",
+) -> Tensor:
+    """One-shot masked attention: ``prepare(lo, hi)`` then ``forward``.
+
+    For tests and single calls; a model prepares once per micro-batch and reuses the result
+    in every layer instead.
+
+    Args:
+        q: [T, Hq, D]; k, v: [T, Hkv, D]; lo, hi: int32 [T] (DESIGN §4).
+        scale: defaults to 1 / sqrt(D).
+        backend: see ``get_attention_backend``; picked for q's device.
+
+    Returns:
+        [T, Hq, D] in q's dtype.
+    """
+    impl = get_attention_backend(backend, q.device)
+    prepared = impl.prepare(lo, hi)
+    return impl.forward(q, k, v, prepared, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
