@@ -1,1 +1,89 @@
-"""tokenizers."""
+"""The 1D tokenizers, each into its own range of one extended vocabulary (DESIGN §2).
+
+- ``text``: captions (and class names / referring expressions) -> ``vocab.text``.
+- ``boxes``: detection and grounding -> ``vocab.coordinates`` + text.
+- ``vq``: the five feature modalities -> ``vocab.codebooks[name]``; ``train_vq`` trains them.
+
+``ModalityTokenizers`` bundles them behind one ``encode`` / ``decode`` per 1D modality, the
+seam the document builder and the inference decoder use. Ids are a segment's content only;
+the builder adds ``<start:{modality}>`` before and ``end_of_segment`` after.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from modus_mega.data.shards import Detections, Groundings, Payload
+from modus_mega.modalities import FEATURE_MODALITIES, modality
+from modus_mega.tokenizers.boxes import BoxTokenizer
+from modus_mega.tokenizers.text import TextTokenizer
+from modus_mega.tokenizers.vq import FeatureQuantizer, load_quantizers
+from modus_mega.vocab import Vocabulary
+
+
+@dataclass
+class ModalityTokenizers:
+    """Every 1D tokenizer of one vocabulary."""
+
+    vocab: Vocabulary
+    text: TextTokenizer
+    boxes: BoxTokenizer
+    quantizers: dict[str, FeatureQuantizer]  # feature modality -> quantizer (may be partial)
+
+    @classmethod
+    def load(
+        cls, vocab: Vocabulary, text_dir: str | os.PathLike[str], vq_dir: str | os.PathLike[str] | None
+    ) -> ModalityTokenizers:
+        """Text tokenizer from ``text_dir``; the codebooks found in ``vq_dir`` (None: none)."""
+        text = TextTokenizer.from_pretrained(text_dir, vocab)
+        present = [] if vq_dir is None else [n for n in FEATURE_MODALITIES if (Path(vq_dir) / f"{n}.safetensors").is_file()]
+        quantizers = load_quantizers(vq_dir, vocab, present) if vq_dir is not None else {}
+        return cls(vocab=vocab, text=text, boxes=BoxTokenizer(vocab, text), quantizers=quantizers)
+
+    def encode(self, name: str, payload: Payload, rng: np.random.Generator) -> list[int]:
+        """Content ids of 1D modality ``name``; ``rng`` picks one caption / grounding phrase."""
+        kind = modality(name).kind
+        if kind == "text":
+            assert isinstance(payload, list)
+            return self.text.encode(payload[int(rng.integers(len(payload)))])
+        if name == "detection":
+            assert isinstance(payload, Detections)
+            return self.boxes.encode_detections(payload)
+        if name == "grounding":
+            assert isinstance(payload, Groundings)
+            return self.boxes.encode_groundings(payload, int(rng.integers(len(payload.expressions))))
+        if kind in ("feature_global", "feature_local"):
+            assert isinstance(payload, np.ndarray)
+            return self.quantizer(name).tokenize(payload, self.vocab)
+        raise ValueError(f"{name!r} is a 2D modality; only 1D modalities have tokenizers")
+
+    def decode(
+        self, name: str, ids: list[int], width: int = 1, height: int = 1, grid: tuple[int, int] | None = None
+    ) -> Payload:
+        """Inverse of ``encode``: boxes need the image ``width``/``height``, local features the ``grid``."""
+        kind = modality(name).kind
+        if kind == "text":
+            return [self.text.decode(self._content(ids)).strip()]
+        if name == "detection":
+            return self.boxes.decode_detections(ids, width, height)
+        if name == "grounding":
+            expression, box = self.boxes.decode_grounding(ids, width, height)
+            boxes = np.zeros((0, 4), np.float32) if box is None else box[None]
+            return Groundings(boxes=boxes, expressions=[expression] if box is not None else [], width=width, height=height)
+        if kind in ("feature_global", "feature_local"):
+            return self.quantizer(name).detokenize(self._content(ids), self.vocab, grid)
+        raise ValueError(f"{name!r} is a 2D modality; only 1D modalities have tokenizers")
+
+    def quantizer(self, name: str) -> FeatureQuantizer:
+        """The quantizer of feature modality ``name``, with an error that names the fix."""
+        if name not in self.quantizers:
+            raise ValueError(f"no codebook loaded for {name}; train it with `python -m modus_mega.tokenizers.train_vq`")
+        return self.quantizers[name]
+
+    def _content(self, ids: list[int]) -> list[int]:
+        end = self.vocab.end_of_segment_id
+        return ids[: ids.index(end)] if end in ids else list(ids)
