@@ -116,17 +116,32 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """One random crop, flip and resize per sample, shared by all its modalities (data/augment.py)."""
+
+    crop_min_side: float = 0.8  # a crop keeps at least this fraction of each side; 1 disables cropping
+    hflip: bool = True  # mirror left-right with probability 1/2 (normals, boxes and "left"/"right" follow)
+    max_pixels: int = 512 * 512  # images are resized (aspect kept) to at most this many pixels
+
+
+@dataclass
 class DataConfig:
     """How samples become documents and documents become packed micro-batches."""
 
-    source: Literal["procedural"] = "procedural"  # where samples come from
-    num_samples: int = 512  # size of the procedural dataset
-    image_size: int = 64  # side of generated images, in pixels
+    source: Literal["procedural", "shards"] = "procedural"  # in-memory procedural scenes, or webdataset shards
+    shards: str = ""  # source=shards: directory holding index.json and the *.tar shards (docs/DATA.md)
+    text_tokenizer: str = ""  # source=shards: directory of the Hugging Face caption tokenizer
+    vq_dir: str = ""  # source=shards: directory of trained feature codebooks ("" = no feature modalities)
+    num_workers: int = 0  # loader worker processes per rank (0: load in the training process)
+    num_samples: int = 512  # source=procedural: size of the dataset
+    image_size: int = 64  # source=procedural: side of the generated images, in pixels
     token_budget: int = 1024  # tokens per packed micro-batch (static shape)
     condition_mode_2d: Literal["vae", "vit", "both"] = "both"  # how a 2D condition enters
     max_conditions: int = 3  # at most this many condition modalities per document
-    target_modalities: list[str] = field(default_factory=lambda: ["caption", "rgb"])  # sampled uniformly
-    seed: int = 1234  # seed of the data order and document sampling
+    condition_dropout: float = 0.0  # probability that a document keeps no condition (classifier-free guidance)
+    target_weights: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "rgb": 1.0})  # target sampling
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 1234  # seed of the data order and of every per-sample random choice
 
 
 # ----------------------------------------------------------------------------- training
@@ -168,6 +183,8 @@ class TrainingConfig:
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 1  # steps between log lines
+    checkpoint_every: int = 0  # steps between checkpoints in run_dir/checkpoints; 0: only at the end and on SIGTERM/SIGUSR1
+    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
     run_dir: str = "runs/default"  # outputs: resolved config, metrics.jsonl, loss curve
 
 
@@ -178,6 +195,8 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel degree; must divide the head counts
     pp: int = 1  # pipeline-parallel degree; must divide num_layers
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3); 2 and 3 only with pp = 1
+    tp_backend: Literal["local", "te"] = "local"  # TP layers: Megatron-core ("local") or Transformer Engine (GPU)
+    collective_timeout_s: int = 600  # a collective waiting longer than this ends the job (dead rank)
 
 
 @dataclass
@@ -271,6 +290,11 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         if value not in choices:
             raise ValueError(f"{source}: {key} = {value!r} is not one of {list(choices)}")
         return value
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: {key} must be an object, got {value!r}")
+        return {_coerce(key_hint, k, source, f"{key}.{k}"): _coerce(value_hint, v, source, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_hint,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -332,15 +356,30 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         )
     from modus_mega.modalities import MODALITY_NAMES  # local import: modalities imports nothing from here
 
-    for name in config.data.target_modalities:
+    data = config.data
+    for name, weight in data.target_weights.items():
         if name not in MODALITY_NAMES:
-            fail("data.target_modalities", f"unknown modality {name!r}; valid: {list(MODALITY_NAMES)}")
-    if not config.data.target_modalities:
-        fail("data.target_modalities", "must name at least one modality")
+            fail(f"data.target_weights.{name}", f"unknown modality {name!r}; valid: {list(MODALITY_NAMES)}")
+        if weight < 0:
+            fail(f"data.target_weights.{name}", f"weight {weight} must be non-negative")
+    if not any(w > 0 for w in data.target_weights.values()):
+        fail("data.target_weights", "must give at least one modality a positive weight")
+    if data.source == "shards" and not (data.shards and data.text_tokenizer):
+        fail("data.shards", "source=shards needs data.shards (a shard directory) and data.text_tokenizer")
+    if not 0.0 <= data.condition_dropout <= 1.0:
+        fail("data.condition_dropout", "must lie in [0, 1]")
+    if not 0.0 < data.augment.crop_min_side <= 1.0:
+        fail("data.augment.crop_min_side", "must lie in (0, 1]")
+    if data.num_workers < 0:
+        fail("data.num_workers", "must be 0 or more")
     if config.data.token_budget < 16:
         fail("data.token_budget", "must be at least 16 tokens")
     if config.data.image_size % (config.model.vae.downsample * config.model.latent_patch_size):
         fail("data.image_size", "must be a multiple of the VAE downsampling times latent_patch_size")
+    if par.collective_timeout_s < 1:
+        fail("parallel.collective_timeout_s", "must be at least 1 second")
+    if config.training.checkpoint_every < 0:
+        fail("training.checkpoint_every", "must be 0 (no periodic checkpoints) or a positive step count")
     if config.training.grad_accum_steps < 1:
         fail("training.grad_accum_steps", "must be at least 1")
     if config.training.timesteps.shift <= 0:

@@ -66,7 +66,8 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         (lambda r: r["parallel"].update(tp=3), "parallel.tp"),
         (lambda r: r["parallel"].update(pp=2, zero_stage=3), "cannot be combined with pipeline"),
         (lambda r: r["data"].update(condition_mode_2d="pixels"), "data.condition_mode_2d"),
-        (lambda r: r["data"].update(target_modalities=["rgbd"]), "unknown modality 'rgbd'"),
+        (lambda r: r["data"].update(target_weights={"rgbd": 1.0}), "unknown modality 'rgbd'"),
+        (lambda r: r["data"].update(target_weights={"rgb": 0.0}), "at least one modality a positive weight"),
     ],
 )
 def test_errors_name_the_key_and_the_file(tmp_path: Path, edit, message: str) -> None:

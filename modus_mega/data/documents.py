@@ -1,7 +1,8 @@
 """One training sample becomes one document (DESIGN §3).
 
-A sample names one target modality; a random subset of the other available modalities,
-in random order, are conditions; the target comes last. Every modality becomes one
+A sample names one target modality (drawn by ``data.target_weights``); a random subset of
+the other available modalities, in random order, are conditions (none at all with
+probability ``data.condition_dropout``); the target comes last. Every modality becomes one
 segment that opens with its ``<start:{modality}>`` marker (1D expert, causal):
 
 - 1D condition: its tokens, causal.
@@ -55,6 +56,7 @@ class Document:
 
     key: str
     target: str  # the target modality
+    origin: tuple[int, int, int] = (0, 0, 0)  # (epoch, shard, position in shard): rebuilds it on resume
     input_ids: list[int] = field(default_factory=list)  # vocabulary id of TEXT tokens, 0 elsewhere
     token_type: list[int] = field(default_factory=list)  # TOKEN_TEXT / TOKEN_VIT / TOKEN_VAE
     modality_ids: list[int] = field(default_factory=list)  # segment's modality per token
@@ -111,13 +113,22 @@ class DocumentBuilder:
         self.vocab = vocab
 
     def build(self, sample: Sample, generator: torch.Generator) -> Document | None:
-        """The document for ``sample``, or None if none of its modalities may be a target."""
-        targets = [m for m in self.data.target_modalities if m in sample.available()]
+        """The document for ``sample``, or None if none of its modalities may be a target.
+
+        The target is drawn by ``target_weights`` among the sample's modalities; with
+        probability ``condition_dropout`` the document keeps no condition (unconditional
+        generation, for classifier-free guidance), else the number of conditions is
+        uniform in [0, min(max_conditions, available)] and their order random.
+        """
+        available = sample.available()
+        targets = [m for m, w in self.data.target_weights.items() if w > 0 and m in available]
         if not targets:
             return None
-        target = targets[_randint(len(targets), generator)]
-        others = [m for m in sample.available() if m != target]
-        num_conditions = _randint(min(self.data.max_conditions, len(others)) + 1, generator)
+        weights = torch.tensor([self.data.target_weights[m] for m in targets], dtype=torch.float64)
+        target = targets[int(torch.multinomial(weights, 1, generator=generator))]
+        others = [m for m in available if m != target]
+        dropped = float(torch.rand((), generator=generator, dtype=torch.float64)) < self.data.condition_dropout
+        num_conditions = 0 if dropped else _randint(min(self.data.max_conditions, len(others)) + 1, generator)
         order = torch.randperm(len(others), generator=generator)[:num_conditions].tolist()
 
         doc = Document(key=sample.key, target=target)
@@ -134,7 +145,7 @@ class DocumentBuilder:
             ids = sample.tokens[name]
             if is_target:
                 # The marker predicts the first token; the last token predicts <end_of_segment>.
-                self._label_last(doc, ids[0] if ids else self.vocab.end_of_segment_id)
+                doc.ce_labels[-1] = ids[0] if ids else self.vocab.end_of_segment_id
                 self._add_causal(doc, [*ids, self.vocab.end_of_segment_id], name, supervised=True)
             else:
                 self._add_causal(doc, ids, name, supervised=False)
@@ -148,9 +159,6 @@ class DocumentBuilder:
             self._add_vae_split(doc, image, name, 0.0, mode="full")
         if self.data.condition_mode_2d in ("vit", "both"):
             self._add_vit_split(doc, image, name)
-
-    def _label_last(self, doc: Document, label: int) -> None:
-        doc.ce_labels[-1] = label
 
     def _add_causal(self, doc: Document, ids: list[int], name: str, supervised: bool) -> None:
         """Causal 1D tokens; if supervised, each token's label is the token after it."""

@@ -95,17 +95,25 @@ class Packer:
         self.pending: list[Document] = []
         self.dropped: Counter[str] = Counter()  # reason -> documents dropped
 
-    def pack(self, documents: Iterable[Document]) -> Iterator[PackedBatch]:
-        """Pack a stream of documents; what is still pending at the end is packed too."""
-        for doc in documents:
-            if len(doc) > self.token_budget:
-                self.dropped["longer_than_token_budget"] += 1
-                continue
-            self.pending.append(doc)
-            while sum(len(d) for d in self.pending) >= self.lookahead * self.token_budget:
-                yield self.collate(self._take())
+    def push(self, doc: Document) -> Iterator[PackedBatch]:
+        """Add one document; yield the micro-batches that are now complete (zero or more)."""
+        if len(doc) > self.token_budget:
+            self.dropped["longer_than_token_budget"] += 1
+            return
+        self.pending.append(doc)
+        while sum(len(d) for d in self.pending) >= self.lookahead * self.token_budget:
+            yield self.collate(self._take())
+
+    def flush(self) -> Iterator[PackedBatch]:
+        """Pack everything still pending."""
         while self.pending:
             yield self.collate(self._take())
+
+    def pack(self, documents: Iterable[Document]) -> Iterator[PackedBatch]:
+        """Pack a finite stream of documents, then flush."""
+        for doc in documents:
+            yield from self.push(doc)
+        yield from self.flush()
 
     def _take(self) -> list[Document]:
         """First-fit the pending documents, oldest first, into one budget."""

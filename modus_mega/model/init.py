@@ -7,7 +7,6 @@ are global), so one seed gives the same full weights at any tp / pp degree.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable
 
 import torch
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 
 from modus_mega.model.embeddings import SinCos2DPositionEmbedding
 from modus_mega.model.layers import RMSNorm
+from modus_mega.seeding import derive_seed
 
 # (parameter, its full tensor) -> the slice this rank holds. Serial: the full tensor itself.
 ShardFn = Callable[[nn.Parameter, Tensor], Tensor]
@@ -22,12 +22,6 @@ ShardFn = Callable[[nn.Parameter, Tensor], Tensor]
 FullShapeFn = Callable[[nn.Parameter], torch.Size]
 
 _NORMS = (RMSNorm, nn.LayerNorm, nn.GroupNorm)
-
-
-def name_seed(seed: int, name: str) -> int:
-    """A 63-bit seed derived from the run seed and a parameter's layout-independent name."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @torch.no_grad()
@@ -60,6 +54,10 @@ def init_weights(
             elif isinstance(module, _NORMS):
                 full = torch.ones(shape)
             else:
-                generator = torch.Generator().manual_seed(name_seed(seed, name))
+                generator = torch.Generator().manual_seed(derive_seed(seed, name))
                 full = torch.empty(shape).normal_(0.0, std, generator=generator)
             param.copy_(shard(param, full))
+
+
+# Transitional name for modus_mega/convert (written in parallel); removed when it calls derive_seed.
+name_seed = derive_seed

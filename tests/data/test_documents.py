@@ -119,3 +119,15 @@ def test_overlong_documents_are_dropped_and_counted(tiny_config) -> None:
     too_long = sum(len(d) > budget for d in docs)
     assert packer.dropped["longer_than_token_budget"] == too_long > 0
     assert sum(b.num_documents for b in batches) == len(docs) - too_long
+
+
+def test_target_weights_and_condition_dropout(tiny_config) -> None:
+    tiny_config.data.target_weights = {"caption": 3.0, "rgb": 1.0}
+    tiny_config.data.condition_dropout = 0.5
+    vocab, docs = make_docs(tiny_config, count=400)
+    caption_share = sum(d.target == "caption" for d in docs) / len(docs)
+    assert 0.68 < caption_share < 0.82  # expected 0.75
+    segments = [sum(1 for t in d.input_ids if t in vocab.start_markers) for d in docs]
+    unconditional = sum(n == 1 for n in segments) / len(docs)
+    # dropout 0.5, plus a third of the rest drawing zero of two possible conditions: about 0.67
+    assert 0.58 < unconditional < 0.76
