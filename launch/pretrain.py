@@ -1,27 +1,34 @@
 """Train MODUS: parse, build, train, close.
 
     python launch/pretrain.py --config configs/tiny.json [--set training.steps=10 ...]
+    deepspeed --num_gpus 4 launch/pretrain.py --config configs/tiny.json --set parallel.tp=2
+    torchrun --nproc_per_node 4 launch/pretrain.py --config configs/tiny.json --set parallel.zero_stage=2
+
+One process trains alone; under a launcher every process is one rank. The layout (tp,
+pp, ZeRO stage) comes from the config; dp is the world size / (tp * pp). CPU runs use
+gloo, GPU runs NCCL (chosen once in ``ParallelContext``). A run continues from
+``<run_dir>/checkpoints/latest`` when one exists (``--set training.resume=false`` to
+start over).
 """
 
 from __future__ import annotations
 
 import argparse
 
-import torch
-
 from modus_mega.config import load_config
+from modus_mega.parallel.context import ParallelContext
 from modus_mega.training.loop import train
 
 
 def parse_args() -> argparse.Namespace:
-    """Command-line arguments."""
+    """Command-line arguments (``--local_rank`` is what the deepspeed launcher appends)."""
     parser = argparse.ArgumentParser(description="Train MODUS from a config file.")
     parser.add_argument("--config", required=True, help="path to a config JSON, e.g. configs/tiny.json")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="A.B=C",
         help="override a config value, e.g. --set training.steps=10 (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -29,10 +36,16 @@ def main() -> None:
     """Entry point."""
     args = parse_args()
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, torch.device(args.device))
-    last = result.records[-1]
-    print(f"done: {len(result.records)} log records, last loss {last['loss']:.4f}")
-    print(f"outputs in {result.run_dir}/: config.json, {result.metrics_path.name}, {result.curve_path.name}")
+    ctx = ParallelContext.initialize(cfg.parallel)
+    try:
+        result = train(cfg, ctx)
+    finally:
+        ctx.close()
+    if ctx.is_main:
+        status = "preempted, checkpointed" if result.preempted else "done"
+        last = f"last loss {result.records[-1]['loss']:.4f}" if result.records else "nothing logged"
+        print(f"{status}: {len(result.records)} log records, {last}")
+        print(f"outputs in {result.run_dir}/: config.json, {result.metrics_path.name}, {result.curve_path.name}, checkpoints/")
 
 
 if __name__ == "__main__":

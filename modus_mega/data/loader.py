@@ -210,7 +210,3 @@ class PackedLoader:
                 return doc
             break
         raise ValueError(f"cannot rebuild pending document (epoch {epoch}, shard {shard}, sample {position}): the data changed")
-
-
-# Transitional name used by training/loop.py until it takes the loader state; removed with that change.
-PackedBatchStream = PackedLoader

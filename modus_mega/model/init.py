@@ -57,7 +57,3 @@ def init_weights(
                 generator = torch.Generator().manual_seed(derive_seed(seed, name))
                 full = torch.empty(shape).normal_(0.0, std, generator=generator)
             param.copy_(shard(param, full))
-
-
-# Transitional name for modus_mega/convert (written in parallel); removed when it calls derive_seed.
-name_seed = derive_seed

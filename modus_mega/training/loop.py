@@ -1,26 +1,37 @@
-"""The single-process training loop (CPU or one GPU), plain AdamW.
+"""The training loop: any layout (one CPU process up to tp x dp ranks), through DeepSpeed.
 
-A step reads top to bottom: take the step's micro-batches, count the global batch's
-target tokens, forward + backward each micro-batch, clip, step, log.
+A step reads top to bottom: take this rank's micro-batches, count the global batch's
+target tokens (all-reduced over dp), forward + backward each micro-batch, let DeepSpeed
+reduce, clip and step, log; checkpoint every ``training.checkpoint_every`` steps, at the
+end, and when SIGTERM / SIGUSR1 arrives on any rank (then stop).
+
+Each data-parallel rank reads its own disjoint part of the data (``PackedLoader`` with
+this rank's dp coordinates); the tp ranks of one dp group build the same micro-batches.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 from modus_mega.config import ModusConfig, save_config
-from modus_mega.data.loader import PackedBatchStream
-from modus_mega.data.packing import PackedBatch
-from modus_mega.encoders.vae import FluxAutoEncoder
+from modus_mega.data.loader import PackedLoader
 from modus_mega.modalities import MODALITY_NAMES
-from modus_mega.model.init import init_weights
-from modus_mega.model.modus import ModusModel
+from modus_mega.parallel.context import ParallelContext
+from modus_mega.seeding import derive_seed
+from modus_mega.training.checkpoint import (
+    PreemptionSignal,
+    TrainerState,
+    checkpoint_root,
+    load_checkpoint,
+    save_checkpoint,
+)
+from modus_mega.training.engine import build_engine
 from modus_mega.training.losses import modus_loss
 from modus_mega.training.metrics import JsonlLog, plot_loss_curves, read_jsonl
 from modus_mega.training.prepare import prepare_step_inputs
@@ -29,110 +40,147 @@ from modus_mega.training.schedule import learning_rate
 
 @dataclass
 class RunResult:
-    """Where a run's outputs went, and its first and last logged records."""
+    """Where a run's outputs went, its logged records, and why it stopped."""
 
     run_dir: Path
     metrics_path: Path
     curve_path: Path
     records: list[dict]
+    resumed_from: int  # optimizer step the run started at (0: fresh)
+    preempted: bool  # stopped early on SIGTERM / SIGUSR1 after checkpointing
 
 
-def build_model(cfg: ModusConfig, device: torch.device) -> tuple[ModusModel, FluxAutoEncoder]:
-    """The trainable MODUS model and the frozen VAE, initialised from ``training.seed``."""
-    model = ModusModel(cfg.model)
-    zero_init = ("llm2vae",) if cfg.model.zero_init_llm2vae else ()
-    init_weights(model, cfg.training.seed, cfg.model.llm.init_std, zero_init=zero_init)
-    vae = FluxAutoEncoder(cfg.model.vae)
-    init_weights(vae, cfg.training.seed, cfg.model.llm.init_std, prefix="vae.")
-    vae.requires_grad_(False).eval()
-    if cfg.model.llm.freeze_1d_expert:
-        for layer in model.layers:
-            layer.experts[0].requires_grad_(False)
-    return model.to(device), vae.to(device)
+def micro_batch_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-batch's noise: a pure function of its place in the run.
+
+    ``micro`` indexes the step's global block of micro-batches (all dp ranks), so the noise
+    does not depend on the layout and a resumed run draws the same noise.
+    """
+    return torch.Generator(device=device).manual_seed(derive_seed("micro-batch", seed, step, micro))
 
 
-def micro_batch_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    """The generator of one micro-batch's noise: a pure function of where it is in the run."""
-    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 131 + rank)
+def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
+    """Train until ``training.steps`` (resuming from the run's latest checkpoint if any).
 
-
-def train(cfg: ModusConfig, device: torch.device | None = None) -> RunResult:
-    """Train ``cfg.training.steps`` steps; write config, metrics.jsonl and loss_curves.png."""
-    device = device or torch.device("cpu")
+    Rank 0 writes config.json, metrics.jsonl and loss_curves.png into ``training.run_dir``.
+    """
     run_dir = Path(cfg.training.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
+    root = checkpoint_root(cfg)
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
     torch.manual_seed(cfg.training.seed)
 
-    model, vae = build_model(cfg, device)
-    optim_cfg = cfg.training.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
-    )
-    stream = PackedBatchStream(cfg.data, cfg.training.timesteps, cfg.model, model.vocab)
-    batches: Iterator[PackedBatch] = iter(stream)
-    log = JsonlLog(run_dir / "metrics.jsonl")
+    engine = build_engine(cfg, ctx)
+    loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, engine.model.vocab, ctx.dp_rank, ctx.dp)
+    state = (load_checkpoint(engine, loader, ctx, root) if cfg.training.resume else None) or TrainerState(step=0)
+    resumed_from = state.step
+    accum = cfg.training.grad_accum_steps
+    batches = iter(loader)
+    metrics_path = run_dir / "metrics.jsonl"
+    if ctx.is_main:
+        _truncate_log(metrics_path, keep_below_step=state.step)  # drop steps a killed run logged after its checkpoint
+    log = JsonlLog(metrics_path) if ctx.is_main else None
 
-    progress = tqdm(range(cfg.training.steps), desc="train", unit="step")
-    for step in progress:
-        start = time.perf_counter()
-        lr = learning_rate(step, cfg.training.steps, optim_cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    preempted = False
+    progress = tqdm(range(state.step, cfg.training.steps), desc="train", unit="step", disable=not ctx.is_main)
+    with PreemptionSignal() as preemption:
+        for step in progress:
+            start = time.perf_counter()
+            lr = learning_rate(step, cfg.training.steps, cfg.training.optim)
+            engine.set_lr(lr)
 
-        micro_batches = [next(batches).to(device) for _ in range(cfg.training.grad_accum_steps)]
-        steps_inputs = [
-            prepare_step_inputs(
-                mb, vae, cfg.model, micro_batch_generator(cfg.training.seed, step, i, 0, device)
+            micro_batches = [next(batches).to(ctx.device) for _ in range(accum)]
+            steps_inputs = [
+                prepare_step_inputs(
+                    mb, engine.vae, cfg.model,
+                    micro_batch_generator(cfg.training.seed, step, ctx.dp_rank * accum + i, ctx.device),
+                )
+                for i, mb in enumerate(micro_batches)
+            ]  # fmt: skip
+            global_ce, global_mse = ctx.all_reduce_dp(
+                [sum(s.ce_index.numel() for s in steps_inputs), sum(s.mse_index.numel() for s in steps_inputs)]
             )
-            for i, mb in enumerate(micro_batches)
-        ]
-        global_ce = sum(s.ce_index.numel() for s in steps_inputs)
-        global_mse = sum(s.mse_index.numel() for s in steps_inputs)
 
-        totals = {"loss": 0.0, "ce": 0.0, "mse": 0.0}
-        modality_sum = torch.zeros(len(MODALITY_NAMES))
-        modality_count = torch.zeros(len(MODALITY_NAMES))
-        for inputs in steps_inputs:
-            logits, velocity = model(inputs.model, inputs.ce_index, inputs.mse_index)
-            terms = modus_loss(
-                logits, inputs.ce_labels, inputs.ce_modality,
-                velocity, inputs.velocity_target, inputs.mse_modality,
-                global_ce, global_mse, cfg.training.ce_weight, cfg.training.mse_weight,
-            )  # fmt: skip
-            terms.loss.backward()
-            totals["loss"] += float(terms.loss.detach())
-            totals["ce"] += float(terms.ce_sum) / max(global_ce, 1)
-            totals["mse"] += float(terms.mse_sum) / max(global_mse, 1)
-            modality_sum += terms.modality_sum.cpu()
-            modality_count += terms.modality_count.cpu()
+            # [loss, ce_sum, mse_sum, modality sums..., modality counts...] of this rank, summed over dp below
+            sums = torch.zeros(3 + 2 * len(MODALITY_NAMES), dtype=torch.float64)
+            for inputs in steps_inputs:
+                logits, velocity = engine.forward(inputs.model, inputs.ce_index, inputs.mse_index)
+                terms = modus_loss(
+                    logits, inputs.ce_labels, inputs.ce_modality,
+                    velocity, inputs.velocity_target, inputs.mse_modality,
+                    int(global_ce), int(global_mse), cfg.training.ce_weight, cfg.training.mse_weight,
+                    cross_entropy=engine.cross_entropy,
+                )  # fmt: skip
+                engine.backward(terms.loss)
+                engine.step()
+                sums[:3] += torch.tensor([float(terms.loss.detach()), float(terms.ce_sum), float(terms.mse_sum)])
+                sums[3:] += torch.cat([terms.modality_sum.cpu(), terms.modality_count.cpu()]).double()
+            totals = ctx.all_reduce_dp(sums.tolist())
+            elapsed = time.perf_counter() - start
 
-        clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            if log is not None:
+                record = _step_record(step, totals, global_ce, global_mse, engine.grad_norm(), lr, micro_batches, elapsed, cfg, loader)
+                if step % cfg.training.log_every == 0 or step == cfg.training.steps - 1:
+                    log.write(record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}", mse=f"{record['mse']:.4f}")
 
-        elapsed = time.perf_counter() - start
-        tokens = sum(mb.num_real_tokens for mb in micro_batches)
-        record = {
-            "step": step,
-            **totals,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "tokens_per_s": tokens / elapsed,
-            "packing_efficiency": tokens / (len(micro_batches) * cfg.data.token_budget),
-            "skipped_samples": sum(stream.skipped.values()) + sum(stream.packer.dropped.values()),
-        }
-        for name, total, count in zip(MODALITY_NAMES, modality_sum.tolist(), modality_count.tolist()):
-            if count:
-                record[f"loss/{name}"] = total / count
-        if step % cfg.training.log_every == 0 or step == cfg.training.steps - 1:
-            log.write(record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}", mse=f"{record['mse']:.4f}")
-    log.close()
+            state = TrainerState(step=step + 1)
+            preempted = ctx.any_rank(preemption.received is not None)
+            every = cfg.training.checkpoint_every
+            if preempted or (every and state.step % every == 0) or state.step == cfg.training.steps:
+                save_checkpoint(engine, loader, ctx, cfg, root, state)
+            if preempted:
+                break
+    if log is not None:
+        log.close()
 
-    records = read_jsonl(log.path)
+    records = read_jsonl(metrics_path) if metrics_path.is_file() else []
     curve_path = run_dir / "loss_curves.png"
-    plot_loss_curves(records, curve_path)
-    return RunResult(run_dir=run_dir, metrics_path=log.path, curve_path=curve_path, records=records)
+    if ctx.is_main and records:
+        plot_loss_curves(records, curve_path)
+    return RunResult(run_dir, metrics_path, curve_path, records, resumed_from=resumed_from, preempted=preempted)
+
+
+def _step_record(
+    step: int,
+    totals: list[float],
+    global_ce: float,
+    global_mse: float,
+    grad_norm: float,
+    lr: float,
+    micro_batches: list,
+    elapsed: float,
+    cfg: ModusConfig,
+    loader: PackedLoader,
+) -> dict:
+    """One metrics.jsonl line from the dp-summed step totals (tokens/s and packing are this rank's)."""
+    num = len(MODALITY_NAMES)
+    loss, ce_sum, mse_sum = totals[:3]
+    modality_sum, modality_count = totals[3 : 3 + num], totals[3 + num :]
+    tokens = sum(mb.num_real_tokens for mb in micro_batches)
+    record = {
+        "step": step,
+        "loss": loss,
+        "ce": ce_sum / max(global_ce, 1),
+        "mse": mse_sum / max(global_mse, 1),
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens_per_s": tokens / elapsed,
+        "packing_efficiency": tokens / (len(micro_batches) * cfg.data.token_budget),
+        "skipped_samples": loader.num_skipped,  # this dp rank's
+    }
+    for name, total, count in zip(MODALITY_NAMES, modality_sum, modality_count):
+        if count:
+            record[f"loss/{name}"] = total / count
+    return record
+
+
+def _truncate_log(path: Path, keep_below_step: int) -> None:
+    """Keep only records of steps before ``keep_below_step`` (a resumed run logs the rest again)."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_jsonl(path) if r["step"] < keep_below_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)

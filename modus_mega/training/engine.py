@@ -1,0 +1,174 @@
+"""Build the trainable model for a parallel layout and wrap it in a DeepSpeed engine.
+
+The order is fixed (STYLE 1, 3): build the model with this layout's linear layers,
+apply tensor parallelism, initialise every parameter by name (layout-invariant), move
+to the device, then ``deepspeed.initialize`` with our AdamW and a DeepSpeed config
+generated from ours (``deepspeed_config``: one source of truth, never a hand-written JSON).
+
+Loss scaling contract with DeepSpeed: our loss is already a SUM over this rank's target
+tokens divided by the GLOBAL target-token count (training/losses.py), so the gradient
+the step needs is the SUM over micro-batches and data-parallel ranks. DeepSpeed divides
+by the accumulation steps (disabled: ``scale_wrt_gas=False``) and averages over dp
+(undone: ``backward_scale = dp``); see ``TrainEngine.backward``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.runtime.utils import clip_grad_norm_
+from torch import Tensor
+
+from modus_mega.config import ModusConfig
+from modus_mega.encoders.vae import FluxAutoEncoder
+from modus_mega.model.init import init_weights
+from modus_mega.model.inputs import ModelInputs
+from modus_mega.model.modus import ModusModel
+from modus_mega.parallel.context import ParallelContext
+from modus_mega.parallel.tensor_parallel import apply_tensor_parallel, build_linears, cross_entropy_fn, init_hooks
+from modus_mega.training.losses import CrossEntropyFn
+
+
+def build_model(cfg: ModusConfig, ctx: ParallelContext) -> tuple[ModusModel, FluxAutoEncoder]:
+    """The trainable model (this rank's tp shard) and the frozen VAE, initialised from ``training.seed``.
+
+    The same seed gives the same full weights at any tp degree (``model/init.py``).
+    """
+    if cfg.parallel.tp_backend == "te":
+        from modus_mega.parallel.te import build_te_linears
+
+        linears = build_te_linears(ctx, cfg.model.llm)
+    else:
+        linears = build_linears(ctx, cfg.model.llm)
+    model = ModusModel(cfg.model, linears)
+    apply_tensor_parallel(model, ctx)
+    zero_init = ("llm2vae",) if cfg.model.zero_init_llm2vae else ()
+    init_weights(model, cfg.training.seed, cfg.model.llm.init_std, zero_init=zero_init, **init_hooks(ctx))
+    if cfg.model.llm.freeze_1d_expert:
+        for layer in model.layers:
+            layer.experts[0].requires_grad_(False)
+    vae = FluxAutoEncoder(cfg.model.vae)
+    init_weights(vae, cfg.training.seed, cfg.model.llm.init_std, prefix="vae.")
+    vae.requires_grad_(False).eval()
+    return model.to(ctx.device), vae.to(ctx.device)
+
+
+def deepspeed_config(cfg: ModusConfig, ctx: ParallelContext) -> dict[str, Any]:
+    """DeepSpeed's config, generated from ours.
+
+    One DeepSpeed "sample" is one packed micro-batch of ``data.token_budget`` tokens; the
+    learning rate is set by our schedule each step, so no DeepSpeed scheduler is configured.
+    Where DeepSpeed would clip without reporting the norm (fp32 without ZeRO), clipping is
+    ours (``TrainEngine.step``) and DeepSpeed's is off.
+    """
+    accum = cfg.training.grad_accum_steps
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": accum * ctx.dp,
+        "gradient_clipping": 0.0 if _clips_itself(cfg, ctx) else cfg.training.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our torch.optim.AdamW
+        "bf16": {"enabled": ctx.device.type == "cuda"},
+        "steps_per_print": 1 << 30,  # the training loop logs
+        "wall_clock_breakdown": False,
+    }
+
+
+def _clips_itself(cfg: ModusConfig, ctx: ParallelContext) -> bool:
+    """Whether ``TrainEngine`` clips (fp32 without ZeRO: DeepSpeed's clip there keeps no norm)."""
+    return cfg.parallel.zero_stage == 0 and ctx.device.type != "cuda"
+
+
+@dataclass
+class TrainEngine:
+    """What a training step needs: the DeepSpeed engine, our optimizer, the VAE and the CE."""
+
+    engine: deepspeed.DeepSpeedEngine
+    optimizer: torch.optim.AdamW  # ours; DeepSpeed (or its ZeRO wrapper) steps it
+    vae: FluxAutoEncoder
+    cross_entropy: CrossEntropyFn  # matches the LM head's (possibly vocab-sharded) logits
+    compute_dtype: torch.dtype  # bf16 on GPU, fp32 on CPU
+    backward_scale: float  # dp: undoes DeepSpeed's averaging over data-parallel ranks
+    own_clip: float | None  # max grad norm when we clip (inf: measure only); None: DeepSpeed clips
+    mpu: Any  # ParallelContext.deepspeed_mpu(): counts tp shards once in the norm
+    _grad_norm: float = field(default=math.nan, init=False)
+
+    @property
+    def model(self) -> ModusModel:
+        """The wrapped model (this rank's shard)."""
+        return self.engine.module
+
+    def forward(self, inputs: ModelInputs, ce_index: Tensor, mse_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits [N_ce, V/tp] and velocities [N_mse, P] of one micro-batch."""
+        if self.compute_dtype != torch.float32:
+            inputs.vit_patches = inputs.vit_patches.to(self.compute_dtype)
+            inputs.vae_tokens = inputs.vae_tokens.to(self.compute_dtype)
+        return self.engine(inputs, ce_index, mse_index)
+
+    def backward(self, loss: Tensor) -> None:
+        """Accumulate this micro-batch's gradient (summed, not averaged, over micro-batches and dp)."""
+        self.engine.backward(loss * self.backward_scale, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        """Mark the end of a micro-batch; at the accumulation boundary clip and step the optimizer.
+
+        Gradients are already reduced over dp then (DeepSpeed does it in ``backward``).
+        """
+        if self.own_clip is not None and self.engine.is_gradient_accumulation_boundary():
+            self._grad_norm = float(clip_grad_norm_(self.model.parameters(), self.own_clip, mpu=self.mpu))
+        self.engine.step()
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group for the next optimizer step."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def grad_norm(self) -> float:
+        """Global gradient norm of the last optimizer step, before clipping (NaN when DeepSpeed did not compute it)."""
+        if self.own_clip is not None:
+            return self._grad_norm
+        norm = self.engine.get_global_grad_norm()
+        return math.nan if norm is None else float(norm)
+
+
+def build_engine(cfg: ModusConfig, ctx: ParallelContext) -> TrainEngine:
+    """Build, shard, initialise and wrap the model for ``cfg``'s layout.
+
+    Raises ``ValueError`` for a pipeline-parallel layout, which this engine does not build yet.
+    """
+    if ctx.pp > 1:
+        raise ValueError(
+            f"parallel.pp={ctx.pp}: the pipeline engine (DeepSpeed PipelineModule) is not built yet; "
+            "use parallel.pp=1 (tensor and data parallelism with ZeRO 0-3 work)"
+        )
+    model, vae = build_model(cfg, ctx)
+    optim = cfg.training.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
+    )
+    mpu = ctx.deepspeed_mpu()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=params,
+        config=deepspeed_config(cfg, ctx),
+        mpu=mpu,
+        dist_init_required=False,
+    )
+    own_clip = (optim.grad_clip or math.inf) if _clips_itself(cfg, ctx) else None
+    return TrainEngine(
+        engine=engine,
+        optimizer=optimizer,
+        vae=vae,
+        cross_entropy=cross_entropy_fn(ctx),
+        compute_dtype=torch.bfloat16 if ctx.device.type == "cuda" else torch.float32,
+        backward_scale=float(ctx.dp),
+        own_clip=own_clip,
+        mpu=mpu,
+    )
