@@ -1,0 +1,114 @@
+"""Command line of checkpoint conversion: ``python -m modus_mega.convert {from-bagel,to-bagel,to-hf,from-hf}``.
+
+Every command streams tensor by tensor (memory stays near the largest tensor), shows a
+progress bar, refuses missing / extra / mis-shaped tensors before writing anything, and
+writes its output into a temporary directory renamed into place at the end, so a failed
+or interrupted run never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from modus_mega.config import load_config
+from modus_mega.convert.bagel import import_bagel, write_bagel
+from modus_mega.convert.files import parse_size
+from modus_mega.convert.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, open_hf, read_hf_config, write_hf
+
+_DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _common(parser: argparse.ArgumentParser, shards: bool) -> None:
+    parser.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--dtype", choices=list(_DTYPES), default="keep", help="cast floating tensors (default: keep)")
+    if shards:
+        parser.add_argument(
+            "--max-shard-size", default=f"{DEFAULT_MAX_SHARD_BYTES // 10**9}GB", help="largest shard, e.g. 5GB, 500MB"
+        )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of all four commands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m modus_mega.convert",
+        description="Convert MODUS checkpoints. Layouts: 'bagel' = BAGEL-7B-MoT's release (ema.safetensors, "
+        "llm_config.json, vit_config.json, ae.safetensors, tokenizer); 'hf' = the Hugging Face layout with MODUS "
+        "names (sharded safetensors, model.safetensors.index.json, config.json), which is also the MODUS model "
+        "checkpoint that load_pretrained reads.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("from-bagel", help="BAGEL release -> MODUS checkpoint (hf layout), vocabulary extended")
+    p.add_argument("src", type=Path, help="BAGEL release directory")
+    _common(p, shards=True)
+    p.add_argument(
+        "--config", required=True, help="MODUS run config whose model section matches BAGEL, e.g. configs/7b.json"
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C", help="config override")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new vocabulary rows")
+
+    p = commands.add_parser("to-bagel", help="MODUS checkpoint (hf layout) -> BAGEL release layout")
+    p.add_argument("src", type=Path, help="MODUS checkpoint directory")
+    _common(p, shards=False)
+    p.add_argument(
+        "--text-vocab-only", action="store_true", help="keep only the pretrained text rows of the embedding and LM head"
+    )
+
+    for name, help_text in (
+        ("to-hf", "MODUS checkpoint -> hf layout (re-shard, re-cast)"),
+        ("from-hf", "hf layout -> MODUS checkpoint (validated, re-sharded, re-cast)"),
+    ):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("src", type=Path, help="checkpoint directory in the hf layout")
+        _common(p, shards=True)
+    return parser
+
+
+def _require_hf(src: Path) -> None:
+    if not (src / CONFIG_FILE).is_file():
+        hint = " (it looks like a BAGEL release: use from-bagel)" if (src / "ema.safetensors").is_file() else ""
+        raise ValueError(f"{src} is not a MODUS checkpoint in the hf layout: it has no {CONFIG_FILE}{hint}")
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Execute one parsed command; returns the output directory."""
+    dtype, progress = _DTYPES[args.dtype], not args.quiet
+    if args.command == "from-bagel":
+        cfg = load_config(args.config, args.overrides).model
+        return import_bagel(
+            args.src, cfg, args.out, seed=args.seed, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
+            overwrite=args.overwrite, progress=progress,
+        )  # fmt: skip
+    _require_hf(args.src)
+    cfg, _ = read_hf_config(args.src)
+    with open_hf(args.src) as source:
+        if args.command == "to-bagel":
+            return write_bagel(
+                source, cfg, args.out, dtype=dtype, text_vocab_only=args.text_vocab_only, tokenizer_dir=args.src,
+                overwrite=args.overwrite, progress=progress,
+            )  # fmt: skip
+        return write_hf(
+            source, cfg, args.out, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size), tokenizer_dir=args.src,
+            overwrite=args.overwrite, progress=progress,
+        )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` and convert; a refused input exits with status 1 and the reason."""
+    args = build_parser().parse_args(argv)
+    try:
+        out = run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
