@@ -8,7 +8,7 @@ install:
 	bash scripts/install.sh
 
 demo: install
-	.venv/bin/python launch/pretrain.py --config configs/tiny.json
+	bash scripts/demo.sh
 
 test: install
 	.venv/bin/python -m pytest -q tests
