@@ -70,11 +70,11 @@ class PackedBatch:
 
 
 class Packer:
-    """First-fit packer over a look-ahead buffer of pending documents, oldest first.
+    """First-fit-decreasing packer over a look-ahead buffer of pending documents.
 
     A micro-batch is cut once the buffer holds ``lookahead`` budgets' worth of tokens, so
-    first-fit has choices; the oldest pending document always goes in first, so none
-    waits forever.
+    the packer has choices; the oldest pending document always goes in first, so none
+    waits forever, and the rest of the budget is filled largest-first.
     """
 
     def __init__(
@@ -116,15 +116,15 @@ class Packer:
         yield from self.flush()
 
     def _take(self) -> list[Document]:
-        """First-fit the pending documents, oldest first, into one budget."""
-        chosen, rest, used = [], [], 0
-        for doc in self.pending:
+        """The oldest pending document, then the largest others that still fit (first-fit decreasing)."""
+        oldest, *others = self.pending
+        chosen, used = [oldest], len(oldest)
+        for doc in sorted(others, key=len, reverse=True):
             if used + len(doc) <= self.token_budget:
                 chosen.append(doc)
                 used += len(doc)
-            else:
-                rest.append(doc)
-        self.pending = rest
+        taken = {id(d) for d in chosen}
+        self.pending = [d for d in self.pending if id(d) not in taken]
         return chosen
 
     def collate(self, docs: list[Document]) -> PackedBatch:
