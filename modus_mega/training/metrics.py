@@ -35,21 +35,37 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average (per-modality losses are sparse and noisy)."""
+    out, last = [], values[0] if values else 0.0
+    for v in values:
+        last = weight * last + (1 - weight) * v
+        out.append(last)
+    return out
+
+
 def plot_loss_curves(records: list[dict[str, Any]], path: str | Path) -> None:
-    """Plot total, CE, MSE and per-target-modality losses against the step."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    """Plot the objective, then the smoothed loss of every 1D (CE) and 2D (MSE) target modality."""
+    from modus_mega.modalities import modality
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
     steps = [r["step"] for r in records]
     for key in ("loss", "ce", "mse"):
         axes[0].plot(steps, [r.get(key) for r in records], label=key)
-    axes[0].set(xlabel="step", ylabel="loss", title="objective", yscale="log")
-    modality_keys = sorted({k for r in records for k in r if k.startswith("loss/")})
-    for key in modality_keys:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        axes[1].plot(*zip(*points), label=key.removeprefix("loss/"))
-    axes[1].set(xlabel="step", ylabel="loss", title="per target modality", yscale="log")
+    axes[0].set(title="objective")
+    names = sorted({k.removeprefix("loss/") for r in records for k in r if k.startswith("loss/")})
+    for name in names:
+        points = [(r["step"], r[f"loss/{name}"]) for r in records if f"loss/{name}" in r]
+        xs, ys = zip(*points)
+        ax = axes[1] if modality(name).family == "1d" else axes[2]
+        ax.plot(xs, _smooth(list(ys)), label=name)
+    axes[1].set(title="1D targets: cross-entropy (smoothed)")
+    axes[2].set(title="2D targets: flow-matching MSE (smoothed)")
     for ax in axes:
-        ax.legend()
+        ax.set(xlabel="step", ylabel="loss", yscale="log")
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
