@@ -6,7 +6,16 @@ GPU install (torch with CUDA already installed):
     pip install --no-build-isolation -e .[gpu,test]
 """
 
+import importlib.util
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# csrc/ is not a package: load its build helper by path. It returns no extension (and says
+# why) where torch has no CUDA or nvcc is missing, or when MODUS_SKIP_CUDA_EXT=1.
+_spec = importlib.util.spec_from_file_location("modus_csrc_build", Path(__file__).resolve().parent / "csrc" / "build.py")
+_csrc_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_csrc_build)
 
 RUNTIME_REQUIREMENTS = [
     "torch>=2.6",
@@ -38,4 +47,6 @@ setup(
     python_requires=">=3.10",
     install_requires=RUNTIME_REQUIREMENTS,
     extras_require=EXTRAS,
+    ext_modules=_csrc_build.cuda_extensions(),
+    cmdclass=_csrc_build.build_ext_cmdclass(),
 )
