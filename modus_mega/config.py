@@ -186,6 +186,12 @@ class TrainingConfig:
     checkpoint_every: int = 0  # steps between checkpoints in run_dir/checkpoints; 0: only at the end and on SIGTERM/SIGUSR1
     resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
     run_dir: str = "runs/default"  # outputs: resolved config, metrics.jsonl, loss curve
+    ema_decay: float = 0.0  # fp32 EMA of the trainable weights, saved in checkpoints; 0 disables (BAGEL: 0.9999)
+    max_bad_steps: int = 5  # a non-finite (NaN/Inf) loss or gradient skips the step; this many in a row stop the run
+    peak_tflops: float = 0.0  # dense peak TFLOP/s of one accelerator at the compute dtype, for MFU (H100 SXM bf16: 989); 0: no MFU
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: $WANDB_MODE, else online if WANDB_API_KEY is set, else offline
+    wandb_project: str = "modus"  # wandb project of the run
+    wandb_run_name: str = ""  # wandb run name; "" = the name of training.run_dir
 
 
 @dataclass
@@ -197,6 +203,20 @@ class ParallelConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3); 2 and 3 only with pp = 1
     tp_backend: Literal["local", "te"] = "local"  # TP layers: Megatron-core ("local") or Transformer Engine (GPU)
     collective_timeout_s: int = 600  # a collective waiting longer than this ends the job (dead rank)
+    recompute: Literal["none", "full"] = "none"  # activation recomputation: "full" keeps each layer's input only and reruns the layer in backward
+    recompute_layers: int = 0  # with recompute=full: the first N decoder layers are recomputed (0 = all); ViT layers always all
+
+
+@dataclass
+class InitConfig:
+    """Where a fresh run's weights come from; a resumed run takes its checkpoint's instead."""
+
+    bagel_dir: str = ""  # BAGEL-7B-MoT release to start from (model and VAE); "" = the seeded init (training.seed)
+    seed: int = 0  # seed of the new vocabulary rows appended to BAGEL's (convert/source.py, extend_vocab_rows)
+
+
+# Files a BAGEL release directory must hold (convert/bagel.py reads them).
+BAGEL_RELEASE_FILES = ("ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json")
 
 
 @dataclass
@@ -207,6 +227,7 @@ class ModusConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -338,8 +359,14 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("model.vit.select_layer", f"{vit.select_layer} selects no layer of {vit.num_layers}")
     if par.tp < 1 or par.pp < 1:
         fail("parallel.tp" if par.tp < 1 else "parallel.pp", "must be at least 1")
-    if llm.num_kv_heads % par.tp and par.tp % llm.num_kv_heads:
-        fail("parallel.tp", f"tp={par.tp} must divide num_kv_heads={llm.num_kv_heads} or be a multiple of it")
+    if llm.num_kv_heads % par.tp:
+        fail(
+            "parallel.tp",
+            f"tp={par.tp} must divide model.llm.num_kv_heads={llm.num_kv_heads} (KV heads are split, not "
+            "replicated, across tensor-parallel ranks); use a divisor, or more data or pipeline parallelism",
+        )
+    if par.pp > 1 and llm.tie_word_embeddings:
+        fail("model.llm.tie_word_embeddings", "tied embeddings cannot be split across pipeline stages; untie them or use pp = 1")
     if llm.num_heads % par.tp:
         fail("parallel.tp", f"tp={par.tp} does not divide model.llm.num_heads={llm.num_heads}; use a divisor")
     if llm.intermediate_size % par.tp:
@@ -376,8 +403,29 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("data.token_budget", "must be at least 16 tokens")
     if config.data.image_size % (config.model.vae.downsample * config.model.latent_patch_size):
         fail("data.image_size", "must be a multiple of the VAE downsampling times latent_patch_size")
+    bagel_dir = config.init.bagel_dir
+    if bagel_dir:
+        missing = [name for name in BAGEL_RELEASE_FILES if not (Path(bagel_dir) / name).is_file()]
+        if missing:
+            fail(
+                "init.bagel_dir",
+                f"{bagel_dir} lacks {', '.join(missing)}; point it at a BAGEL-7B-MoT release directory "
+                f"(holding {', '.join(BAGEL_RELEASE_FILES)} and the tokenizer files), or set it to \"\" to start "
+                "from the seeded init",
+            )
     if par.collective_timeout_s < 1:
         fail("parallel.collective_timeout_s", "must be at least 1 second")
+    if not 0 <= par.recompute_layers <= llm.num_layers:
+        fail("parallel.recompute_layers", f"{par.recompute_layers} must lie in [0, model.llm.num_layers={llm.num_layers}] (0 = all)")
+    if par.recompute == "none" and par.recompute_layers:
+        fail("parallel.recompute_layers", f"{par.recompute_layers} needs parallel.recompute=full; set it to 0 or turn recompute on")
+    training = config.training
+    if not 0.0 <= training.ema_decay < 1.0:
+        fail("training.ema_decay", f"{training.ema_decay} must lie in [0, 1); 0 disables the EMA, BAGEL uses 0.9999")
+    if training.max_bad_steps < 1:
+        fail("training.max_bad_steps", "must be at least 1 (the number of non-finite steps in a row that stops the run)")
+    if training.peak_tflops < 0:
+        fail("training.peak_tflops", "must be 0 (no MFU) or the accelerator's peak TFLOP/s, e.g. 989 for an H100 SXM at bf16")
     if config.training.checkpoint_every < 0:
         fail("training.checkpoint_every", "must be 0 (no periodic checkpoints) or a positive step count")
     if config.training.grad_accum_steps < 1:

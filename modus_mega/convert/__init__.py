@@ -3,6 +3,11 @@
 ``keymap`` is the one name map MODUS <-> BAGEL; ``source`` reads any layout lazily as
 named tensors and loads them into (sharded) modules; ``hf`` and ``bagel`` write and read
 their layouts; ``python -m modus_mega.convert --help`` is the command line.
+
+Training runs, in and out (imported from their modules, not from here: they need the
+training stack, DeepSpeed and Megatron, which inference does not): ``run_init`` starts a
+fresh run from ``init.bagel_dir`` at any tp x pp, ``deepspeed_run.DeepSpeedRunSource``
+reads a run's latest checkpoint at any tp, pp and ZeRO stage (its EMA weights too).
 """
 
 from modus_mega.convert.bagel import (

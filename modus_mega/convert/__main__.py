@@ -1,9 +1,12 @@
 """Command line of checkpoint conversion: ``python -m modus_mega.convert {from-bagel,to-bagel,to-hf,from-hf}``.
 
-Every command streams tensor by tensor (memory stays near the largest tensor), shows a
-progress bar, refuses missing / extra / mis-shaped tensors before writing anything, and
-writes its output into a temporary directory renamed into place at the end, so a failed
-or interrupted run never leaves a half-written checkpoint.
+``to-hf`` and ``to-bagel`` read a MODUS checkpoint in the hf layout or a training run
+directory (one holding ``checkpoints/``: its latest DeepSpeed checkpoint at any tp, pp and
+ZeRO stage, ``--ema`` for its EMA weights). Every command streams tensor by tensor (memory
+stays near the largest tensor), shows a progress bar, refuses missing / extra /
+mis-shaped tensors before writing anything, and writes its output into a temporary
+directory renamed into place at the end, so a failed or interrupted run never leaves a
+half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from modus_mega.config import load_config
+from modus_mega.config import ModelConfig, load_config
 from modus_mega.convert.bagel import import_bagel, write_bagel
+from modus_mega.convert.deepspeed_run import DeepSpeedRunSource, is_run_dir
 from modus_mega.convert.files import parse_size
 from modus_mega.convert.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, open_hf, read_hf_config, write_hf
+from modus_mega.convert.source import TensorSource
 
 _DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,27 +58,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C", help="config override")
     p.add_argument("--seed", type=int, default=0, help="seed of the new vocabulary rows")
 
-    p = commands.add_parser("to-bagel", help="MODUS checkpoint (hf layout) -> BAGEL release layout")
-    p.add_argument("src", type=Path, help="MODUS checkpoint directory")
+    run_src = "MODUS checkpoint directory (hf layout) or training run directory (its latest checkpoint)"
+    p = commands.add_parser("to-bagel", help="MODUS checkpoint or training run -> BAGEL release layout")
+    p.add_argument("src", type=Path, help=run_src)
     _common(p, shards=False)
     p.add_argument(
         "--text-vocab-only", action="store_true", help="keep only the pretrained text rows of the embedding and LM head"
     )
+    p.add_argument("--ema", action="store_true", help="a training run's EMA weights instead of its weights")
 
-    for name, help_text in (
-        ("to-hf", "MODUS checkpoint -> hf layout (re-shard, re-cast)"),
-        ("from-hf", "hf layout -> MODUS checkpoint (validated, re-sharded, re-cast)"),
-    ):
-        p = commands.add_parser(name, help=help_text)
-        p.add_argument("src", type=Path, help="checkpoint directory in the hf layout")
-        _common(p, shards=True)
+    p = commands.add_parser("to-hf", help="MODUS checkpoint or training run -> hf layout (re-shard, re-cast)")
+    p.add_argument("src", type=Path, help=run_src)
+    _common(p, shards=True)
+    p.add_argument("--ema", action="store_true", help="a training run's EMA weights instead of its weights")
+
+    p = commands.add_parser("from-hf", help="hf layout -> MODUS checkpoint (validated, re-sharded, re-cast)")
+    p.add_argument("src", type=Path, help="checkpoint directory in the hf layout")
+    _common(p, shards=True)
     return parser
 
 
 def _require_hf(src: Path) -> None:
     if not (src / CONFIG_FILE).is_file():
         hint = " (it looks like a BAGEL release: use from-bagel)" if (src / "ema.safetensors").is_file() else ""
+        hint = " (it is a training run: use to-hf)" if is_run_dir(src) else hint
         raise ValueError(f"{src} is not a MODUS checkpoint in the hf layout: it has no {CONFIG_FILE}{hint}")
+
+
+def _open_source(args: argparse.Namespace) -> tuple[ModelConfig, TensorSource, Path | None]:
+    """The model config, tensors and tokenizer directory of ``args.src`` (a training run or the hf layout)."""
+    ema = getattr(args, "ema", False)
+    if args.command != "from-hf" and is_run_dir(args.src):
+        source = DeepSpeedRunSource(args.src, ema=ema)
+        if args.command == "to-bagel" and not source.has_vae:
+            source.close()
+            raise ValueError(
+                f"{args.src} started from the seeded init (init.bagel_dir is empty), so it has no VAE checkpoint "
+                "to write as ae.safetensors; export it with to-hf, or train from a BAGEL release"
+            )
+        return source.config.model, source, source.tokenizer_dir
+    if ema:
+        raise ValueError(f"--ema reads a training run's EMA weights, but {args.src} is not a run directory "
+                         "(it has no checkpoints/); drop --ema")  # fmt: skip
+    _require_hf(args.src)
+    cfg, _ = read_hf_config(args.src)
+    return cfg, open_hf(args.src), args.src
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -85,17 +114,16 @@ def run(args: argparse.Namespace) -> Path:
             args.src, cfg, args.out, seed=args.seed, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
             overwrite=args.overwrite, progress=progress,
         )  # fmt: skip
-    _require_hf(args.src)
-    cfg, _ = read_hf_config(args.src)
-    with open_hf(args.src) as source:
+    cfg, source, tokenizer_dir = _open_source(args)
+    with source:
         if args.command == "to-bagel":
             return write_bagel(
-                source, cfg, args.out, dtype=dtype, text_vocab_only=args.text_vocab_only, tokenizer_dir=args.src,
-                overwrite=args.overwrite, progress=progress,
+                source, cfg, args.out, dtype=dtype, text_vocab_only=args.text_vocab_only,
+                tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, progress=progress,
             )  # fmt: skip
         return write_hf(
-            source, cfg, args.out, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size), tokenizer_dir=args.src,
-            overwrite=args.overwrite, progress=progress,
+            source, cfg, args.out, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
+            tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, progress=progress,
         )  # fmt: skip
 
 

@@ -3,8 +3,8 @@
 Every checkpoint layout is read through a ``TensorSource``: tensors under their MODUS names
 (``keymap.py``), each read only when asked for, so converting or loading holds one tensor
 at a time. Layout-specific sources live next to their layout (``SafetensorsSource`` here
-for the Hugging Face layout, ``bagel.BagelSource``); a source over DeepSpeed's sharded
-training checkpoints plugs in the same way.
+for the Hugging Face layout, ``bagel.BagelSource``, and ``deepspeed_run.DeepSpeedRunSource``
+for a training run's sharded DeepSpeed checkpoint).
 
 ``LazyTensor`` is what a source hands out per tensor: anything with ``shape`` and basic
 slicing (``t[a:b]``, ``t[:, a:b]``) that returns a ``torch.Tensor``. A safetensors slice
@@ -45,6 +45,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
+EXTRA_STATE_KEY = "_extra_state"  # state-dict suffix of nn.Module.get_extra_state (torch's own name)
 NEW_ROW_NOISE = 0.02  # std of new vocabulary rows around the text rows' mean, in units of their per-dim std
 _CHUNK_ROWS = 8192  # rows per chunk of the new-row statistics and noise (bounded memory; part of the scheme)
 
@@ -216,16 +217,22 @@ class SafetensorsSource(TensorSource):
         self._stack.close()
 
 
+def is_extra_state(name: str) -> bool:
+    """True for a layer's ``get_extra_state`` entry (Megatron's and TE's linears): metadata, not a weight."""
+    return name.rsplit(".", 1)[-1] == EXTRA_STATE_KEY
+
+
 def state_tensors(modules: Mapping[str, nn.Module]) -> dict[str, Tensor]:
     """Parameters and persistent buffers of ``modules`` (prefix -> module) by full name.
 
     A tensor shared under two names (tied embeddings) is listed once, under its first name.
+    Layers' extra state (``is_extra_state``) is not a tensor of the checkpoint formats here.
     """
     tensors: dict[str, Tensor] = {}
     seen: set[int] = set()
     for prefix, module in modules.items():
         for name, tensor in module.state_dict(keep_vars=True).items():
-            if id(tensor) not in seen:
+            if not is_extra_state(name) and id(tensor) not in seen:
                 seen.add(id(tensor))
                 tensors[prefix + name] = tensor
     return tensors

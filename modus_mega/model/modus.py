@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from modus_mega.config import ModelConfig
 from modus_mega.encoders.vit import SiglipNaViT
 from modus_mega.model.embeddings import MLPConnector, SinCos2DPositionEmbedding, TimestepEmbedder
-from modus_mega.model.inputs import TOKEN_TEXT, TOKEN_VAE, TOKEN_VIT, ModelInputs, expert_ids_of
-from modus_mega.model.layers import SERIAL_LINEARS, LinearFactory, RMSNorm, rope_cos_sin
+from modus_mega.model.inputs import TOKEN_TEXT, TOKEN_VAE, TOKEN_VIT, ModelInputs
+from modus_mega.model.layers import SERIAL_LINEARS, LinearFactory, RMSNorm
 from modus_mega.model.mot import EXPERT_1D, EXPERT_2D, NUM_EXPERTS, LayerContext, MoTLayer
 from modus_mega.ops.attention import AttentionBackend, get_attention_backend
 from modus_mega.vocab import build_vocabulary
@@ -56,18 +56,10 @@ class ModusModel(nn.Module):
         """Routing, RoPE tables and attention metadata, computed once for all layers."""
         if attention is None:
             attention = get_attention_backend(self.cfg.attention_backend, inputs.attn_lo.device)
-        expert_index, unpermute = LayerContext.route(expert_ids_of(inputs.token_type))
-        cos, sin = rope_cos_sin(
-            inputs.position_ids, self.cfg.llm.head_dim, self.cfg.llm.rope_theta, self.embed_tokens.weight.dtype
-        )
-        return LayerContext(
-            expert_index=expert_index,
-            unpermute=unpermute,
-            cos=cos,
-            sin=sin,
-            attention=attention,
-            attention_mask=attention.prepare(inputs.attn_lo, inputs.attn_hi),
-        )
+        return LayerContext.build(
+            self.cfg.llm, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi,
+            self.embed_tokens.weight.dtype, attention,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ stages
 

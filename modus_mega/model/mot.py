@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from modus_mega.config import LLMConfig
-from modus_mega.model.layers import LinearFactory, RMSNorm, SwiGLU, apply_rope
+from modus_mega.model.inputs import expert_ids_of
+from modus_mega.model.layers import LinearFactory, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 from modus_mega.ops.attention import AttentionBackend
 
 NUM_EXPERTS = 2
@@ -41,6 +42,32 @@ class LayerContext:
         index = [torch.nonzero(expert_ids == e, as_tuple=True)[0] for e in range(NUM_EXPERTS)]
         unpermute = torch.argsort(torch.cat(index))
         return index, unpermute
+
+    @staticmethod
+    def build(
+        cfg: LLMConfig,
+        token_type: Tensor,
+        position_ids: Tensor,
+        attn_lo: Tensor,
+        attn_hi: Tensor,
+        dtype: torch.dtype,
+        attention: AttentionBackend,
+    ) -> "LayerContext":
+        """The context of one micro-batch from its integer metadata (all [T]); RoPE tables in ``dtype``.
+
+        Only integer tensors are needed, so a pipeline stage rebuilds it from what travels
+        with the hidden states.
+        """
+        expert_index, unpermute = LayerContext.route(expert_ids_of(token_type))
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype)
+        return LayerContext(
+            expert_index=expert_index,
+            unpermute=unpermute,
+            cos=cos,
+            sin=sin,
+            attention=attention,
+            attention_mask=attention.prepare(attn_lo, attn_hi),
+        )
 
 
 class MoTExpert(nn.Module):

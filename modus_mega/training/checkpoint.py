@@ -3,9 +3,15 @@
 Layout under ``<run_dir>/checkpoints/``::
 
     step_00000040/               one tag per save (DeepSpeed's files: model and optimizer shards)
-        trainer_state.json       the step and the resolved config
-        extras/rank_00000.pt     per rank: RNG states (torch, CUDA, Python, NumPy), the loader's state
+        trainer_state.json       the step, the skipped-step counters and the resolved config
+        extras/rank_00000.pt     per rank: RNG states (torch, CUDA, Python, NumPy), the loader's state,
+                                 this rank's EMA pieces (training/ema.py) when training.ema_decay > 0
     latest                       the tag to resume from
+
+With pp > 1 the same calls save and load the pipeline engine, which writes the model per
+stage: ``layer_<stage>-model_<tp>-model_states.pt`` (by dp rank 0 of each stage; keys are
+the model's global parameter names, ``parallel/pipeline.py``), plus one
+``mp_rank_<i>_model_states.pt`` per (stage, tp) rank for the rest of the engine's state.
 
 ``latest`` is replaced atomically, and only after every rank finished writing the tag, so
 a crash during a save leaves the previous checkpoint as ``latest``. DeepSpeed's own
@@ -20,6 +26,7 @@ losses exactly. Resuming needs the saved layout (the loader checks dp and its wo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -46,6 +53,8 @@ class TrainerState:
     """Where a run stands: what a resumed run continues from."""
 
     step: int  # optimizer steps completed
+    skipped_steps: int = 0  # of those, skipped for a non-finite loss or gradient (training/failures.py)
+    bad_in_a_row: int = 0  # the non-finite streak the last steps ended with
 
 
 def checkpoint_root(cfg: ModusConfig) -> Path:
@@ -68,9 +77,11 @@ def save_checkpoint(
     tag_dir = root / tag
     (tag_dir / "extras").mkdir(parents=True, exist_ok=True)
     extras = {"rng": _rng_state(), "loader": loader.state_dict()}
+    if engine.ema is not None:
+        extras["ema"] = engine.ema.state_dict()
     _atomic_torch_save(extras, tag_dir / "extras" / f"rank_{ctx.rank:05d}.pt")
     if ctx.is_main:
-        record = {"step": state.step, "config": config_to_dict(cfg)}
+        record = {**dataclasses.asdict(state), "config": config_to_dict(cfg)}
         _atomic_write_text(tag_dir / TRAINER_STATE, json.dumps(record, indent=2) + "\n")
     ctx.barrier()  # every rank's shards are on disk before the pointer moves
     if ctx.is_main:
@@ -99,7 +110,11 @@ def load_checkpoint(engine: TrainEngine, loader: PackedLoader, ctx: ParallelCont
     extras = torch.load(extras_path, weights_only=True)
     loader.load_state_dict(extras["loader"])
     _set_rng_state(extras["rng"])
-    return TrainerState(step=record["step"])
+    if engine.ema is not None and "ema" in extras:
+        engine.ema.load_state_dict(extras["ema"])
+    elif engine.ema is not None:
+        engine.ema.reset()  # saved without EMA: the average starts at the restored weights
+    return TrainerState(**{f.name: record[f.name] for f in dataclasses.fields(TrainerState)})
 
 
 class PreemptionSignal:

@@ -1,9 +1,12 @@
 """Build the trainable model for a parallel layout and wrap it in a DeepSpeed engine.
 
 The order is fixed (STYLE 1, 3): build the model with this layout's linear layers,
-apply tensor parallelism, initialise every parameter by name (layout-invariant), move
-to the device, then ``deepspeed.initialize`` with our AdamW and a DeepSpeed config
-generated from ours (``deepspeed_config``: one source of truth, never a hand-written JSON).
+apply tensor parallelism, initialise every parameter by name (layout-invariant), apply
+activation recomputation (``parallel/recompute.py``), move to the device, then
+``deepspeed.initialize`` with our AdamW (skippable: ``training/failures.py``) and a
+DeepSpeed config generated from ours (``deepspeed_config``: one source of truth, never a
+hand-written JSON). The EMA (``training/ema.py``) is built last, over the optimizer's
+fp32 partition of the weights.
 
 Loss scaling contract with DeepSpeed: our loss is already a SUM over this rank's target
 tokens divided by the GLOBAL target-token count (training/losses.py), so the gradient
@@ -24,12 +27,18 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from torch import Tensor
 
 from modus_mega.config import ModusConfig
+from modus_mega.convert.run_init import init_from_bagel
 from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.model.init import init_weights
 from modus_mega.model.inputs import ModelInputs
 from modus_mega.model.modus import ModusModel
+from modus_mega.model.layers import LinearFactory
 from modus_mega.parallel.context import ParallelContext
+from modus_mega.parallel.pipeline import ModusPipeline, PipelineRunner, build_pipeline_model
+from modus_mega.parallel.recompute import apply_activation_checkpointing
 from modus_mega.parallel.tensor_parallel import apply_tensor_parallel, build_linears, cross_entropy_fn, init_hooks
+from modus_mega.training.ema import EmaWeights
+from modus_mega.training.failures import NonFiniteGuard, SkippableAdamW, StepHealth
 from modus_mega.training.losses import CrossEntropyFn
 
 
@@ -38,23 +47,31 @@ def build_model(cfg: ModusConfig, ctx: ParallelContext) -> tuple[ModusModel, Flu
 
     The same seed gives the same full weights at any tp degree (``model/init.py``).
     """
-    if cfg.parallel.tp_backend == "te":
-        from modus_mega.parallel.te import build_te_linears
-
-        linears = build_te_linears(ctx, cfg.model.llm)
-    else:
-        linears = build_linears(ctx, cfg.model.llm)
-    model = ModusModel(cfg.model, linears)
+    model = ModusModel(cfg.model, select_linears(cfg, ctx))
     apply_tensor_parallel(model, ctx)
     zero_init = ("llm2vae",) if cfg.model.zero_init_llm2vae else ()
     init_weights(model, cfg.training.seed, cfg.model.llm.init_std, zero_init=zero_init, **init_hooks(ctx))
     if cfg.model.llm.freeze_1d_expert:
         for layer in model.layers:
             layer.experts[0].requires_grad_(False)
+    apply_activation_checkpointing(model, cfg.parallel)
+    return model.to(ctx.device), build_vae(cfg, ctx)
+
+
+def select_linears(cfg: ModusConfig, ctx: ParallelContext) -> LinearFactory:
+    """The linear layers of ``parallel.tp_backend`` for this layout."""
+    if cfg.parallel.tp_backend == "te":
+        from modus_mega.parallel.te import build_te_linears
+
+        return build_te_linears(ctx, cfg.model.llm)
+    return build_linears(ctx, cfg.model.llm)
+
+
+def build_vae(cfg: ModusConfig, ctx: ParallelContext) -> FluxAutoEncoder:
+    """The frozen VAE on this rank's device, initialised from ``training.seed``."""
     vae = FluxAutoEncoder(cfg.model.vae)
     init_weights(vae, cfg.training.seed, cfg.model.llm.init_std, prefix="vae.")
-    vae.requires_grad_(False).eval()
-    return model.to(ctx.device), vae.to(ctx.device)
+    return vae.requires_grad_(False).eval().to(ctx.device)
 
 
 def deepspeed_config(cfg: ModusConfig, ctx: ParallelContext) -> dict[str, Any]:
@@ -72,6 +89,9 @@ def deepspeed_config(cfg: ModusConfig, ctx: ParallelContext) -> dict[str, Any]:
         "train_batch_size": accum * ctx.dp,
         "gradient_clipping": 0.0 if _clips_itself(cfg, ctx) else cfg.training.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # Read by the pipeline engine only (pp > 1): each tp rank sends whole hidden states, since
+        # DeepSpeed's partitioned sends assume Megatron-GPT's activation tuple.
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
         "zero_allow_untested_optimizer": True,  # our torch.optim.AdamW
         "bf16": {"enabled": ctx.device.type == "cuda"},
         "steps_per_print": 1 << 30,  # the training loop logs
@@ -89,18 +109,22 @@ class TrainEngine:
     """What a training step needs: the DeepSpeed engine, our optimizer, the VAE and the CE."""
 
     engine: deepspeed.DeepSpeedEngine
-    optimizer: torch.optim.AdamW  # ours; DeepSpeed (or its ZeRO wrapper) steps it
+    optimizer: SkippableAdamW  # ours; DeepSpeed (or its ZeRO wrapper) steps it
     vae: FluxAutoEncoder
     cross_entropy: CrossEntropyFn  # matches the LM head's (possibly vocab-sharded) logits
     compute_dtype: torch.dtype  # bf16 on GPU, fp32 on CPU
     backward_scale: float  # dp: undoes DeepSpeed's averaging over data-parallel ranks
     own_clip: float | None  # max grad norm when we clip (inf: measure only); None: DeepSpeed clips
     mpu: Any  # ParallelContext.deepspeed_mpu(): counts tp shards once in the norm
+    pipeline: PipelineRunner | None = None  # pp > 1: runs whole steps; forward / backward / step are unused
+    guard: NonFiniteGuard | None = None  # NaN/Inf loss or gradient: the step is skipped (training/failures.py)
+    ema: EmaWeights | None = None  # training.ema_decay > 0: averaged after every applied optimizer step
+    last_health: StepHealth = field(default_factory=StepHealth, init=False)  # of the last optimizer step
     _grad_norm: float = field(default=math.nan, init=False)
 
     @property
-    def model(self) -> ModusModel:
-        """The wrapped model (this rank's shard)."""
+    def model(self) -> ModusModel | ModusPipeline:
+        """The wrapped model (this rank's shard; this rank's stage when pp > 1)."""
         return self.engine.module
 
     def forward(self, inputs: ModelInputs, ce_index: Tensor, mse_index: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,16 +136,28 @@ class TrainEngine:
 
     def backward(self, loss: Tensor) -> None:
         """Accumulate this micro-batch's gradient (summed, not averaged, over micro-batches and dp)."""
+        if self.guard is not None:
+            self.guard.observe_loss(loss)
         self.engine.backward(loss * self.backward_scale, scale_wrt_gas=False)
 
     def step(self) -> None:
         """Mark the end of a micro-batch; at the accumulation boundary clip and step the optimizer.
 
-        Gradients are already reduced over dp then (DeepSpeed does it in ``backward``).
+        Gradients are already reduced over dp then (DeepSpeed does it in ``backward``). A step
+        whose loss or gradient is non-finite on any rank is skipped (``last_health`` says
+        where); an applied step updates the EMA.
         """
-        if self.own_clip is not None and self.engine.is_gradient_accumulation_boundary():
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and self.guard is not None:
+            self.last_health = self.guard.verdict()
+            self.optimizer.skip_next_step = not self.last_health.ok
+        if self.own_clip is not None and boundary:
             self._grad_norm = float(clip_grad_norm_(self.model.parameters(), self.own_clip, mpu=self.mpu))
         self.engine.step()
+        if boundary:
+            self.optimizer.skip_next_step = False
+            if self.ema is not None and self.last_health.ok:
+                self.ema.update()
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group for the next optimizer step."""
@@ -130,6 +166,8 @@ class TrainEngine:
 
     def grad_norm(self) -> float:
         """Global gradient norm of the last optimizer step, before clipping (NaN when DeepSpeed did not compute it)."""
+        if self.pipeline is not None:
+            return self.pipeline.grad_norm()
         if self.own_clip is not None:
             return self._grad_norm
         norm = self.engine.get_global_grad_norm()
@@ -139,17 +177,17 @@ class TrainEngine:
 def build_engine(cfg: ModusConfig, ctx: ParallelContext) -> TrainEngine:
     """Build, shard, initialise and wrap the model for ``cfg``'s layout.
 
-    Raises ``ValueError`` for a pipeline-parallel layout, which this engine does not build yet.
+    With pp > 1 the model is this rank's pipeline stage (``parallel/pipeline.py``) and
+    ``TrainEngine.pipeline`` runs the steps.
     """
     if ctx.pp > 1:
-        raise ValueError(
-            f"parallel.pp={ctx.pp}: the pipeline engine (DeepSpeed PipelineModule) is not built yet; "
-            "use parallel.pp=1 (tensor and data parallelism with ZeRO 0-3 work)"
-        )
-    model, vae = build_model(cfg, ctx)
+        model, vae = build_pipeline_model(cfg, ctx, select_linears(cfg, ctx)), build_vae(cfg, ctx)
+    else:
+        model, vae = build_model(cfg, ctx)
+    init_from_bagel(model, vae, cfg, ctx)  # a fresh run with init.bagel_dir starts from BAGEL's weights
     optim = cfg.training.optim
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
+    optimizer = SkippableAdamW(
         params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
     )
     mpu = ctx.deepspeed_mpu()
@@ -158,17 +196,22 @@ def build_engine(cfg: ModusConfig, ctx: ParallelContext) -> TrainEngine:
         optimizer=optimizer,
         model_parameters=params,
         config=deepspeed_config(cfg, ctx),
-        mpu=mpu,
+        mpu=None if ctx.pp > 1 else mpu,  # a PipelineModule brings DeepSpeed's grid over the same groups
         dist_init_required=False,
     )
     own_clip = (optim.grad_clip or math.inf) if _clips_itself(cfg, ctx) else None
+    compute_dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    pipeline = PipelineRunner(engine, optimizer, ctx, compute_dtype, own_clip) if ctx.pp > 1 else None
     return TrainEngine(
         engine=engine,
         optimizer=optimizer,
         vae=vae,
         cross_entropy=cross_entropy_fn(ctx),
-        compute_dtype=torch.bfloat16 if ctx.device.type == "cuda" else torch.float32,
+        compute_dtype=compute_dtype,
         backward_scale=float(ctx.dp),
-        own_clip=own_clip,
+        own_clip=None if pipeline else own_clip,  # the pipeline clips in an optimizer pre-step hook
         mpu=mpu,
+        pipeline=pipeline,
+        guard=None if pipeline else NonFiniteGuard(params, ctx.device),
+        ema=EmaWeights(engine.module, cfg.training.ema_decay) if cfg.training.ema_decay > 0 else None,
     )

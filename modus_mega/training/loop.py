@@ -1,4 +1,4 @@
-"""The training loop: any layout (one CPU process up to tp x dp ranks), through DeepSpeed.
+"""The training loop: any layout (one CPU process up to tp x dp x pp ranks), through DeepSpeed.
 
 A step reads top to bottom: take this rank's micro-batches, count the global batch's
 target tokens (all-reduced over dp), forward + backward each micro-batch, let DeepSpeed
@@ -6,7 +6,10 @@ reduce, clip and step, log; checkpoint every ``training.checkpoint_every`` steps
 end, and when SIGTERM / SIGUSR1 arrives on any rank (then stop).
 
 Each data-parallel rank reads its own disjoint part of the data (``PackedLoader`` with
-this rank's dp coordinates); the tp ranks of one dp group build the same micro-batches.
+this rank's dp coordinates); the tp ranks of one dp group build the same micro-batches,
+and so do the pp stages: with pp > 1 DeepSpeed's pipeline engine (``parallel/pipeline.py``)
+runs the step's micro-batches through the stages, and the last stage's loss sums are
+broadcast to the others for logging.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from modus_mega.training.checkpoint import (
     save_checkpoint,
 )
 from modus_mega.training.engine import build_engine
+from modus_mega.training.failures import BadStepCounter
 from modus_mega.training.losses import modus_loss
 from modus_mega.training.metrics import JsonlLog, plot_loss_curves, read_jsonl
+from modus_mega.training.observability import ThroughputMeter, WandbRun
 from modus_mega.training.prepare import prepare_step_inputs
 from modus_mega.training.schedule import learning_rate
 
@@ -75,6 +80,9 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
     loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, engine.model.vocab, ctx.dp_rank, ctx.dp)
     state = (load_checkpoint(engine, loader, ctx, root) if cfg.training.resume else None) or TrainerState(step=0)
     resumed_from = state.step
+    failures = BadStepCounter(cfg.training.max_bad_steps, state.skipped_steps, state.bad_in_a_row)
+    meter = ThroughputMeter(cfg.model, ctx, cfg.training.peak_tflops)
+    tracker = WandbRun.start(cfg, ctx, resumed=resumed_from > 0)  # rank 0 only
     accum = cfg.training.grad_accum_steps
     batches = iter(loader)
     metrics_path = run_dir / "metrics.jsonl"
@@ -103,29 +111,39 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
             )
 
             # [loss, ce_sum, mse_sum, modality sums..., modality counts...] of this rank, summed over dp below
-            sums = torch.zeros(3 + 2 * len(MODALITY_NAMES), dtype=torch.float64)
-            for inputs in steps_inputs:
-                logits, velocity = engine.forward(inputs.model, inputs.ce_index, inputs.mse_index)
-                terms = modus_loss(
-                    logits, inputs.ce_labels, inputs.ce_modality,
-                    velocity, inputs.velocity_target, inputs.mse_modality,
-                    int(global_ce), int(global_mse), cfg.training.ce_weight, cfg.training.mse_weight,
-                    cross_entropy=engine.cross_entropy,
-                )  # fmt: skip
-                engine.backward(terms.loss)
-                engine.step()
-                sums[:3] += torch.tensor([float(terms.loss.detach()), float(terms.ce_sum), float(terms.mse_sum)])
-                sums[3:] += torch.cat([terms.modality_sum.cpu(), terms.modality_count.cpu()]).double()
+            if engine.pipeline is not None:  # pp > 1: DeepSpeed's pipeline runs the micro-batches through the stages
+                sums = engine.pipeline.train_batch(steps_inputs, int(global_ce), int(global_mse))
+                if engine.ema is not None:
+                    engine.ema.update()
+            else:
+                sums = torch.zeros(3 + 2 * len(MODALITY_NAMES), dtype=torch.float64)
+                for inputs in steps_inputs:
+                    logits, velocity = engine.forward(inputs.model, inputs.ce_index, inputs.mse_index)
+                    terms = modus_loss(
+                        logits, inputs.ce_labels, inputs.ce_modality,
+                        velocity, inputs.velocity_target, inputs.mse_modality,
+                        int(global_ce), int(global_mse), cfg.training.ce_weight, cfg.training.mse_weight,
+                        cross_entropy=engine.cross_entropy,
+                    )  # fmt: skip
+                    engine.backward(terms.loss)
+                    engine.step()
+                    sums[:3] += torch.tensor([float(terms.loss.detach()), float(terms.ce_sum), float(terms.mse_sum)])
+                    sums[3:] += torch.cat([terms.modality_sum.cpu(), terms.modality_count.cpu()]).double()
             totals = ctx.all_reduce_dp(sums.tolist())
             elapsed = time.perf_counter() - start
+            failures.record(engine.last_health)
+            throughput = meter.measure(micro_batches, elapsed)  # collective over dp
 
             if log is not None:
-                record = _step_record(step, totals, global_ce, global_mse, engine.grad_norm(), lr, micro_batches, elapsed, cfg, loader)
+                record = _step_record(step, totals, global_ce, global_mse, engine.grad_norm(), lr, throughput, failures, loader)
                 if step % cfg.training.log_every == 0 or step == cfg.training.steps - 1:
                     log.write(record)
+                    if tracker is not None:
+                        tracker.log(record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}", mse=f"{record['mse']:.4f}")
+            failures.check(step, engine.last_health)  # raises after training.max_bad_steps non-finite steps in a row
 
-            state = TrainerState(step=step + 1)
+            state = TrainerState(step=step + 1, skipped_steps=failures.skipped_steps, bad_in_a_row=failures.bad_in_a_row)
             preempted = ctx.any_rank(preemption.received is not None)
             every = cfg.training.checkpoint_every
             if preempted or (every and state.step % every == 0) or state.step == cfg.training.steps:
@@ -134,6 +152,8 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
                 break
     if log is not None:
         log.close()
+    if tracker is not None:
+        tracker.finish()
 
     records = read_jsonl(metrics_path) if metrics_path.is_file() else []
     curve_path = run_dir / "loss_curves.png"
@@ -149,16 +169,14 @@ def _step_record(
     global_mse: float,
     grad_norm: float,
     lr: float,
-    micro_batches: list,
-    elapsed: float,
-    cfg: ModusConfig,
+    throughput: dict[str, float],
+    failures: BadStepCounter,
     loader: PackedLoader,
 ) -> dict:
-    """One metrics.jsonl line from the dp-summed step totals (tokens/s and packing are this rank's)."""
+    """One metrics.jsonl line from the dp-summed step totals and the step's throughput (``ThroughputMeter``)."""
     num = len(MODALITY_NAMES)
     loss, ce_sum, mse_sum = totals[:3]
     modality_sum, modality_count = totals[3 : 3 + num], totals[3 + num :]
-    tokens = sum(mb.num_real_tokens for mb in micro_batches)
     record = {
         "step": step,
         "loss": loss,
@@ -166,9 +184,9 @@ def _step_record(
         "mse": mse_sum / max(global_mse, 1),
         "grad_norm": grad_norm,
         "lr": lr,
-        "tokens_per_s": tokens / elapsed,
-        "packing_efficiency": tokens / (len(micro_batches) * cfg.data.token_budget),
+        **throughput,
         "skipped_samples": loader.num_skipped,  # this dp rank's
+        "skipped_steps": failures.skipped_steps,  # non-finite loss or gradient, since the run began
     }
     for name, total, count in zip(MODALITY_NAMES, modality_sum, modality_count):
         if count:

@@ -1,0 +1,76 @@
+"""Start a fresh training run from a BAGEL release (``init.bagel_dir``), at any tp x pp layout.
+
+``training/engine.py`` calls ``init_from_bagel`` after the seeded init and before DeepSpeed
+wraps the model (ZeRO copies the weights into its own partitions there). Each rank reads
+only what it holds: its pipeline stage's tensors (stage parameters carry the model's
+global names, ``parallel/pipeline.py``), and of those only its tensor-parallel slices: a
+column-parallel weight's rows, a row-parallel weight's columns (safetensors slices read
+just those bytes). Replicated tensors and the VAE (``ae.safetensors``, small, on every
+rank) are read whole. The vocabulary tensors are read whole (BAGEL's rows plus the
+appended new rows, ``source.extend_vocab_rows``) and then sliced, so every layout gets the
+same full table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from modus_mega.config import ModusConfig
+from modus_mega.convert.bagel import load_bagel_into
+from modus_mega.convert.source import LazyTensor, ShardFn
+from modus_mega.encoders.vae import FluxAutoEncoder
+from modus_mega.model.modus import ModusModel
+from modus_mega.parallel.context import ParallelContext
+from modus_mega.parallel.pipeline import ModusPipeline
+from modus_mega.parallel.tensor_parallel import init_hooks
+
+
+def tensor_parallel_slicer(ctx: ParallelContext) -> ShardFn:
+    """The ``shard`` hook of ``source.load_into`` for ``ctx``'s layout.
+
+    The same slices as ``parallel.tensor_parallel.init_hooks`` (equal contiguous chunks along
+    each parameter's ``partition_dim``), cut with basic slicing only, so a lazy safetensors
+    slice reads just this rank's part.
+    """
+
+    def shard(param: nn.Parameter, full: LazyTensor) -> Tensor:
+        if not getattr(param, "tensor_model_parallel", False):
+            return full[:]
+        dim = param.partition_dim
+        size = param.shape[dim]
+        return full[(slice(None),) * dim + (slice(ctx.tp_rank * size, (ctx.tp_rank + 1) * size),)]
+
+    return shard
+
+
+def resumes_from_checkpoint(cfg: ModusConfig) -> bool:
+    """Whether the run will continue from its own checkpoint (``training.resume`` and a ``latest`` exists)."""
+    # Local import: training.checkpoint imports training.engine, which calls init_from_bagel.
+    from modus_mega.training.checkpoint import checkpoint_root, latest_tag
+
+    return cfg.training.resume and latest_tag(checkpoint_root(cfg)) is not None
+
+
+def init_from_bagel(
+    model: ModusModel | ModusPipeline, vae: FluxAutoEncoder, cfg: ModusConfig, ctx: ParallelContext
+) -> bool:
+    """Load ``cfg.init.bagel_dir`` into this rank's part of ``model`` and into ``vae``; True when it did.
+
+    ``model`` is this rank's tp shard (pp = 1) or its pipeline (pp > 1: its stage is
+    loaded, the release's other tensors are skipped). Nothing is read when
+    ``init.bagel_dir`` is empty or the run resumes from its own checkpoint (whose weights
+    replace these anyway). The model config is checked against the release first
+    (``bagel.check_bagel_config``); the new vocabulary rows are drawn from ``init.seed``.
+    Every tensor this rank holds is overwritten.
+    """
+    if not cfg.init.bagel_dir or resumes_from_checkpoint(cfg):
+        return False
+    target: nn.Module = model.stage if isinstance(model, ModusPipeline) else model
+    load_bagel_into(
+        target, vae, Path(cfg.init.bagel_dir), cfg.model, seed=cfg.init.seed,
+        shard=tensor_parallel_slicer(ctx), full_shape=init_hooks(ctx)["full_shape"],
+        allow_unused=isinstance(model, ModusPipeline), progress=ctx.is_main,
+    )  # fmt: skip
+    return True

@@ -1,0 +1,424 @@
+"""Pipeline parallelism with DeepSpeed's ``PipelineModule``, built from outside the model (STYLE 1).
+
+Stages. Each stage is ONE DeepSpeed pipeline layer (``PipelineStage``), built only on the
+ranks of that stage, holding the model's own modules under the model's attribute names:
+
+    stage 0        embed_tokens, vit, connector, vit_pos_embed, time_embedder, vae2llm,
+                   latent_pos_embed, then its decoder layers
+    stage s        decoder layers [s * L / pp, (s + 1) * L / pp)
+    stage pp - 1   its decoder layers, then final_norms, lm_head, llm2vae and both losses
+
+Decoder layers sit in a ``ModuleDict`` keyed by their global index, so a stage's parameter
+names ARE the global ones (``layers.5.experts.1.q_proj.weight``): ``init_weights`` by name
+gives the same full weights at every pp (STYLE 3), and DeepSpeed's per-stage checkpoint
+files (``layer_<stage>-model_<tp>-model_states.pt``) hold global names. DeepSpeed's module
+prefixes them with the stage index (``1.layers.5...``); ``global_parameter_name`` strips it.
+
+Build order (``build_pipeline_model``): the whole model on the meta device (no memory) ->
+recompute patches -> each rank allocates its own stage's modules -> tensor-parallel hooks
+-> initialise by global name -> freeze; ``training/engine.py`` then calls
+``deepspeed.initialize`` and wraps the engine in a ``PipelineRunner``.
+
+What crosses stages. Between stages a micro-batch is the tuple ``StageActivations``: the
+hidden states [T, D] (float, with gradient) and the per-token INTEGER metadata
+``build_context`` needs (token_type, position_ids, attn_lo, attn_hi) plus ``target_roles``,
+a bit set per token (``ROLE_CE``, ``ROLE_MSE``) from which the last stage recovers the
+loss positions. DeepSpeed sends a gradient back for every float tensor of the tuple and
+waits for one, so a float tensor without gradient would hang the backward: nothing but
+the hidden states is float. Every tensor has T rows (the fixed token budget), so shapes
+are static and DeepSpeed sends their metadata once.
+
+What does not cross stages. DeepSpeed loads each micro-batch on the first stage (model
+inputs: ids, ViT patches, noised 2D tokens, ...) and on the last stage (labels: CE labels,
+velocity targets, target modalities) from the same iterator of ``(inputs, labels)`` pairs,
+so the float targets never travel between stages. The global target counts are fixed for
+a step and set on the loss once per step.
+
+Loss scaling. The last stage's loss is ``modus_loss`` (a SUM over this micro-batch's
+target tokens over the GLOBAL counts) times ``grad_accum_steps * dp``: DeepSpeed divides
+the loss by the accumulation steps and averages gradients over dp, and the step needs
+their sum (the same contract as ``TrainEngine.backward`` at pp = 1).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import Tensor, nn
+
+from modus_mega.config import ModusConfig
+from modus_mega.modalities import NUM_MODALITIES
+from modus_mega.model.init import init_weights
+from modus_mega.model.inputs import ModelInputs
+from modus_mega.model.layers import LinearFactory
+from modus_mega.model.mot import LayerContext
+from modus_mega.model.modus import ModusModel
+from modus_mega.ops.attention import get_attention_backend
+from modus_mega.parallel.context import ParallelContext
+from modus_mega.parallel.recompute import apply_activation_checkpointing
+from modus_mega.parallel.tensor_parallel import apply_tensor_parallel, cross_entropy_fn, init_hooks
+from modus_mega.training.losses import CrossEntropyFn, LossBreakdown, modus_loss
+from modus_mega.training.prepare import StepInputs
+
+# ModusModel's modules by stage (besides the decoder layers); together they are all of them.
+EMBEDDING_MODULES = (
+    "embed_tokens", "vit", "connector", "vit_pos_embed", "time_embedder", "vae2llm", "latent_pos_embed",
+)  # fmt: skip
+HEAD_MODULES = ("final_norms", "lm_head", "llm2vae")
+
+# Bits of ``target_roles``: the token predicts a 1D target (CE) / is a noisy 2D target (MSE).
+ROLE_CE, ROLE_MSE = 1, 2
+
+# Length of ``loss_sums``: [loss, ce_sum, mse_sum, per-modality sums..., per-modality counts...].
+NUM_LOSS_SUMS = 3 + 2 * NUM_MODALITIES
+
+
+class StageActivations(NamedTuple):
+    """What one stage sends the next for one micro-batch; all [T] but ``hidden`` [T, D]."""
+
+    hidden: Tensor  # [T, D] float: the only tensor with a gradient
+    token_type: Tensor  # [T] long
+    position_ids: Tensor  # [T] long
+    attn_lo: Tensor  # [T] int32
+    attn_hi: Tensor  # [T] int32
+    target_roles: Tensor  # [T] long: ROLE_CE | ROLE_MSE bits
+
+
+class StageInputs(NamedTuple):
+    """The first stage's micro-batch: ``ModelInputs`` plus ``target_roles`` (what DeepSpeed loads there)."""
+
+    input_ids: Tensor  # [T] long
+    token_type: Tensor  # [T] long
+    position_ids: Tensor  # [T] long
+    attn_lo: Tensor  # [T] int32
+    attn_hi: Tensor  # [T] int32
+    target_roles: Tensor  # [T] long
+    vit_patches: Tensor  # [N_vit, p*p*C] float
+    vit_position_ids: Tensor  # [N_vit] long
+    vit_cu_seqlens: Tensor  # [num_vit_images + 1] int32
+    vae_tokens: Tensor  # [N_vae, P] float
+    vae_timesteps: Tensor  # [N_vae] float
+    vae_position_ids: Tensor  # [N_vae] long
+
+
+class StageLabels(NamedTuple):
+    """The last stage's micro-batch (what DeepSpeed loads there as labels)."""
+
+    ce_labels: Tensor  # [N_ce] long
+    ce_modality: Tensor  # [N_ce] long
+    velocity_target: Tensor  # [N_mse, P] float
+    mse_modality: Tensor  # [N_mse] long
+
+
+def global_parameter_name(pipeline_name: str) -> str:
+    """The model's name of a ``ModusPipeline`` parameter (``ModusPipeline.named_parameters``).
+
+    ``"1.layers.5.experts.0.q_proj.weight"`` (stage 1) -> ``"layers.5.experts.0.q_proj.weight"``.
+    """
+    stage, _, name = pipeline_name.partition(".")
+    if not stage.isdigit() or not name:
+        raise ValueError(f"{pipeline_name!r} is not a pipeline parameter name ('<stage>.<global name>')")
+    return name
+
+
+def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
+    """Global indices of the decoder layers of ``stage`` (an even split; pp divides num_layers)."""
+    per_stage = num_layers // num_stages
+    return range(stage * per_stage, (stage + 1) * per_stage)
+
+
+def _materialize(module: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device module on ``device``, uninitialised, keeping the parameters' attributes.
+
+    ``to_empty`` makes new ``Parameter`` objects; Megatron's ``tensor_model_parallel`` /
+    ``partition_dim`` markers (which ``init_hooks`` and the gradient norm read) are copied over.
+    """
+    assert next(module.buffers(), None) is None, (
+        "a model buffer would stay uninitialised after to_empty (init_weights fills parameters only); "
+        "make it a frozen parameter (like SinCos2DPositionEmbedding) or recompute it here"
+    )
+    attributes = {name: dict(vars(param)) for name, param in module.named_parameters()}
+    module.to_empty(device=device)
+    for name, param in module.named_parameters():
+        vars(param).update(attributes[name])
+
+
+class PipelineStage(nn.Module):
+    """One pipeline stage: a slice of a (meta-built) ``ModusModel``, allocated on ``device``.
+
+    Holds the model's modules under the model's attribute names, so the model's own
+    ``embed`` and ``heads`` run on it unchanged. The first stage takes a ``StageInputs``,
+    every other stage a ``StageActivations``; the last stage returns (logits [N_ce, V/tp],
+    velocity [N_mse, P]), every other stage a ``StageActivations``.
+    """
+
+    def __init__(self, model: ModusModel, stage: int, num_stages: int, device: torch.device) -> None:
+        super().__init__()
+        self.llm_cfg = model.cfg.llm
+        self.is_first, self.is_last = stage == 0, stage == num_stages - 1
+        names = (EMBEDDING_MODULES if self.is_first else ()) + (HEAD_MODULES if self.is_last else ())
+        for name in names:
+            setattr(self, name, getattr(model, name))
+        indices = stage_layers(len(model.layers), num_stages, stage)
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in indices})
+        _materialize(self, device)
+        self.attention = get_attention_backend(model.cfg.attention_backend, device)
+
+    def forward(self, micro_batch: tuple[Tensor, ...]) -> StageActivations | tuple[Tensor, Tensor]:
+        if self.is_first:
+            inputs = StageInputs(*micro_batch)
+            model_inputs = ModelInputs(**{k: v for k, v in inputs._asdict().items() if k != "target_roles"})
+            # The model's own code: this stage holds its embedding modules under the same names.
+            hidden = ModusModel.embed(self, model_inputs)  # type: ignore[arg-type]
+            x = StageActivations(
+                hidden, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi, inputs.target_roles
+            )
+        else:
+            x = StageActivations(*micro_batch)
+
+        ctx = self._layer_context(x)
+        hidden = x.hidden
+        for layer in self.layers.values():
+            hidden = layer(hidden, ctx)
+
+        if self.is_last:
+            ce_index = torch.nonzero(x.target_roles & ROLE_CE, as_tuple=True)[0]
+            mse_index = torch.nonzero(x.target_roles & ROLE_MSE, as_tuple=True)[0]
+            return ModusModel.heads(self, hidden, ce_index, mse_index)  # type: ignore[arg-type]
+        return x._replace(hidden=hidden)
+
+    def _layer_context(self, x: StageActivations) -> LayerContext:
+        """The layer context from the metadata that travelled with the hidden states.
+
+        RoPE tables take the hidden states' dtype (this stage may not hold the embedding).
+        """
+        return LayerContext.build(
+            self.llm_cfg, x.token_type, x.position_ids, x.attn_lo, x.attn_hi, x.hidden.dtype, self.attention
+        )
+
+
+class PipelineLoss:
+    """DeepSpeed's ``loss_fn`` on the last stage: ``modus_loss`` of one micro-batch.
+
+    Returns the loss times ``backward_scale`` (see the module docstring) and records each
+    micro-batch's ``loss_sums`` for logging; ``begin_step`` sets the step's global target
+    counts and clears the record.
+    """
+
+    def __init__(self, ce_weight: float, mse_weight: float, cross_entropy: CrossEntropyFn, backward_scale: float) -> None:
+        self.ce_weight, self.mse_weight = ce_weight, mse_weight
+        self.cross_entropy = cross_entropy
+        self.backward_scale = backward_scale
+        self.global_counts = (0, 0)  # (CE, MSE) target tokens of the whole global batch
+        self.sums: list[Tensor] = []  # per micro-batch: loss_sums [NUM_LOSS_SUMS] float64, on the device
+
+    def begin_step(self, global_num_ce: int, global_num_mse: int) -> None:
+        """Set the step's global target counts; forget the previous step's sums."""
+        self.global_counts = (global_num_ce, global_num_mse)
+        self.sums = []
+
+    def __call__(self, outputs: tuple[Tensor, Tensor], labels: tuple[Tensor, ...]) -> Tensor:
+        logits, velocity = outputs
+        target = StageLabels(*labels)
+        terms = modus_loss(
+            logits, target.ce_labels, target.ce_modality, velocity, target.velocity_target, target.mse_modality,
+            *self.global_counts, self.ce_weight, self.mse_weight, cross_entropy=self.cross_entropy,
+        )  # fmt: skip
+        self.sums.append(loss_sums(terms))
+        return terms.loss * self.backward_scale
+
+
+def loss_sums(terms: LossBreakdown) -> Tensor:
+    """[loss, ce_sum, mse_sum, modality sums..., modality counts...] float64 (``training/loop.py``'s layout)."""
+    head = torch.stack([terms.loss.detach(), terms.ce_sum, terms.mse_sum]).double()
+    return torch.cat([head, terms.modality_sum.double(), terms.modality_count.double()])
+
+
+class ModusPipeline(PipelineModule):
+    """DeepSpeed's ``PipelineModule`` over ``PipelineStage``s; ``vocab`` as on ``ModusModel``."""
+
+    def __init__(self, model: ModusModel, ctx: ParallelContext, loss_fn: PipelineLoss) -> None:
+        topology = PipeModelDataParallelTopology(num_pp=ctx.pp, num_mp=ctx.tp, num_dp=ctx.dp)
+        coord = topology.get_coord(ctx.rank)
+        assert (coord.pipe, coord.data, coord.model) == (ctx.pp_rank, ctx.dp_rank, ctx.tp_rank), (
+            "DeepSpeed's pipeline topology and Megatron's groups order ranks differently"
+        )
+        stages = [LayerSpec(PipelineStage, model, s, ctx.pp, ctx.device) for s in range(ctx.pp)]
+        deepspeed.init_distributed(ctx.backend, auto_mpi_discovery=False, verbose=False)  # wraps the running group
+        super().__init__(stages, topology=topology, loss_fn=loss_fn, partition_method="uniform")
+        self.vocab = model.vocab
+
+    @property
+    def stage(self) -> PipelineStage:
+        """This rank's stage module."""
+        (stage,) = self.forward_funcs
+        return stage
+
+
+def build_pipeline_model(cfg: ModusConfig, ctx: ParallelContext, linears: LinearFactory) -> ModusPipeline:
+    """This rank's pipeline stage (tp shard included), initialised from ``training.seed`` by global name.
+
+    Raises ``ValueError`` for tied input/output embeddings, which would live on two stages.
+    """
+    if cfg.model.llm.tie_word_embeddings:
+        raise ValueError(
+            f"model.llm.tie_word_embeddings=true with parallel.pp={ctx.pp}: the embedding (first stage) and the "
+            "LM head (last stage) cannot share a weight; untie them or use parallel.pp=1"
+        )
+    with torch.device("meta"):
+        model = ModusModel(cfg.model, linears)
+    owned = set(EMBEDDING_MODULES) | set(HEAD_MODULES) | {"layers"}
+    assert {name for name, _ in model.named_children()} == owned, (
+        "ModusModel's modules changed: assign each to a stage in EMBEDDING_MODULES / HEAD_MODULES"
+    )
+    apply_activation_checkpointing(model, cfg.parallel)
+
+    loss_fn = PipelineLoss(
+        cfg.training.ce_weight,
+        cfg.training.mse_weight,
+        cross_entropy_fn(ctx),
+        backward_scale=float(cfg.training.grad_accum_steps * ctx.dp),
+    )
+    pipeline = ModusPipeline(model, ctx, loss_fn)
+    stage = pipeline.stage
+    apply_tensor_parallel(stage, ctx)
+    zero_init = ("llm2vae",) if cfg.model.zero_init_llm2vae else ()
+    init_weights(stage, cfg.training.seed, cfg.model.llm.init_std, zero_init=zero_init, **init_hooks(ctx))
+    if cfg.model.llm.freeze_1d_expert:
+        for layer in stage.layers.values():
+            layer.experts[0].requires_grad_(False)
+    return pipeline
+
+
+def stage_micro_batch(step: StepInputs, compute_dtype: torch.dtype) -> tuple[StageInputs, StageLabels]:
+    """One micro-batch as DeepSpeed's pipeline loads it: (first stage's inputs, last stage's labels)."""
+    m = step.model
+    roles = torch.zeros_like(m.token_type)
+    roles[step.ce_index] |= ROLE_CE
+    roles[step.mse_index] |= ROLE_MSE
+    # The last stage recovers the positions as nonzero(roles & bit): ascending, which the labels' order must be.
+    assert torch.equal(torch.nonzero(roles & ROLE_CE, as_tuple=True)[0], step.ce_index), "ce_index must ascend"
+    assert torch.equal(torch.nonzero(roles & ROLE_MSE, as_tuple=True)[0], step.mse_index), "mse_index must ascend"
+    inputs = StageInputs(
+        input_ids=m.input_ids,
+        token_type=m.token_type,
+        position_ids=m.position_ids,
+        attn_lo=m.attn_lo,
+        attn_hi=m.attn_hi,
+        target_roles=roles,
+        vit_patches=m.vit_patches.to(compute_dtype),
+        vit_position_ids=m.vit_position_ids,
+        vit_cu_seqlens=m.vit_cu_seqlens,
+        vae_tokens=m.vae_tokens.to(compute_dtype),
+        vae_timesteps=m.vae_timesteps,
+        vae_position_ids=m.vae_position_ids,
+    )
+    labels = StageLabels(step.ce_labels, step.ce_modality, step.velocity_target, step.mse_modality)
+    return inputs, labels
+
+
+class GradClipper:
+    """Global gradient-norm clipping over tp and pp, run as a pre-step hook of the optimizer.
+
+    Used where DeepSpeed's own clipping keeps no norm (fp32 without ZeRO). DeepSpeed's
+    ``clip_grad_norm_`` cannot be used with a pipeline: it counts replicated parameters only
+    on model-parallel rank 0, which under its pipeline grid is one stage's rank, not one per stage.
+    """
+
+    def __init__(self, params: list[nn.Parameter], max_norm: float, ctx: ParallelContext) -> None:
+        self.params = params
+        self.max_norm = max_norm
+        self.ctx = ctx
+        self.last_norm = float("nan")  # before clipping, of the last optimizer step
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        # tp-replicated parameters count once (tp rank 0); tp shards everywhere; summed over tp and pp.
+        counted = [
+            p.grad for p in self.params
+            if p.grad is not None and (self.ctx.tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
+        ]  # fmt: skip
+        if counted:
+            square = torch.stack([g.float().norm() for g in counted]).pow(2).sum()
+        else:
+            square = torch.zeros((), device=self.ctx.device)
+        for group, size in ((self.ctx.tp_group, self.ctx.tp), (self.ctx.pp_group, self.ctx.pp)):
+            if size > 1:
+                dist.all_reduce(square, group=group)
+        norm = square.sqrt()
+        self.last_norm = float(norm)
+        coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+
+
+class PipelineRunner:
+    """Runs one optimizer step of a pipeline-parallel run through DeepSpeed's ``train_batch``.
+
+    ``own_clip``: the max gradient norm when we clip (fp32 without ZeRO; inf: measure
+    only), None when DeepSpeed clips and reports the norm.
+    """
+
+    def __init__(
+        self,
+        engine: PipelineEngine,
+        optimizer: torch.optim.Optimizer,
+        ctx: ParallelContext,
+        compute_dtype: torch.dtype,
+        own_clip: float | None,
+    ) -> None:
+        self.engine = engine
+        self.ctx = ctx
+        self.compute_dtype = compute_dtype
+        self.loss_fn: PipelineLoss = engine.module.loss_fn
+        self.clipper: GradClipper | None = None
+        if own_clip is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self.clipper = GradClipper(params, own_clip, ctx)
+            optimizer.register_step_pre_hook(self.clipper)
+        # The global rank of this pipeline's last stage (ranks: tp fastest, then dp, then pp).
+        self._last_stage_rank = ctx.rank + (ctx.pp - 1 - ctx.pp_rank) * ctx.tp * ctx.dp
+        self._num_tokens: int | None = None
+
+    def train_batch(self, steps: list[StepInputs], global_num_ce: int, global_num_mse: int) -> Tensor:
+        """Forward, backward and optimizer step over this rank's micro-batches of one step.
+
+        Returns this dp rank's ``loss_sums`` summed over the micro-batches [NUM_LOSS_SUMS]
+        float64, on every stage (computed on the last, broadcast over the pipeline).
+        """
+        if len(steps) != self.engine.gradient_accumulation_steps():
+            raise ValueError(
+                f"got {len(steps)} micro-batches for a step of training.grad_accum_steps="
+                f"{self.engine.gradient_accumulation_steps()}"
+            )
+        for step in steps:
+            num_tokens = step.model.token_type.numel()
+            if self._num_tokens is None:
+                self._num_tokens = num_tokens
+            if num_tokens != self._num_tokens:
+                raise ValueError(
+                    f"a micro-batch of {num_tokens} tokens after one of {self._num_tokens}: pipeline stages exchange "
+                    "fixed shapes; pack every micro-batch to data.token_budget"
+                )
+        self.loss_fn.begin_step(global_num_ce, global_num_mse)
+        self.engine.train_batch(iter([stage_micro_batch(s, self.compute_dtype) for s in steps]))
+
+        if self.loss_fn.sums:  # the last stage
+            sums = torch.stack(self.loss_fn.sums).sum(0)
+        else:
+            sums = torch.zeros(NUM_LOSS_SUMS, dtype=torch.float64, device=self.ctx.device)
+        dist.broadcast(sums, src=self._last_stage_rank, group=self.ctx.pp_group)
+        return sums.cpu()
+
+    def grad_norm(self) -> float:
+        """Global gradient norm of the last optimizer step, before clipping (NaN if not computed)."""
+        if self.clipper is not None:
+            return self.clipper.last_norm
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
