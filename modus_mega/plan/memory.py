@@ -5,26 +5,60 @@ Peak of the busiest pipeline stage::
     peak = model states + engine buffers
            + (1 + fragmentation) * max(forward/backward activations, VAE encode, optimizer step)
 
-**Model states** (Rajbhandari et al. 2020, DeepSpeed's stage semantics; P = trainable
-parameters of this tp rank and stage, N = dp):
+**Model states** (Rajbhandari et al. 2020) as DeepSpeed 0.19's engines lay them out, in
+elements per dp rank, for the trainable tensors p_1..p_n of this tp rank and stage in
+module order (P = sum p_i; N = dp; F = P rounded up to a multiple of 2N; r = dp rank):
 
-| bytes per trainable parameter | ZeRO 0 | 1 | 2 | 3 |
+| elements | ZeRO 0 | ZeRO 1 | ZeRO 2 | ZeRO 3 |
 |---|---|---|---|---|
-| bf16 weights (2) | 2 | 2 | 2 | 2/N |
-| bf16 gradients (2; DeepSpeed accumulates in the model dtype by default) | 2 | 2 | 2/N | 2/N |
-| fp32 master weights (4) + Adam m, v (8) | 12 | 12/N | 12/N | 12/N |
-| fp32 gradient copy at the optimizer step (4, transient) | 4 | 4/N | 4/N | 4/N (per sub-group) |
+| weights, module dtype | P | F (one flat buffer) | F | sum ceil(p_i/N) + (N > 1) sum of N ceil(p_i/N) for p_i <= 1e5 |
+| gradients, module dtype | P | max(P, G_r) | G_r | sum ceil(p_i/N) |
+| master weights, fp32 | P if the module is not fp32, else 0 | F/N | F/N | sum ceil(p_i/N) |
+| Adam exp_avg + exp_avg_sq, 2 x fp32 | 2P | 2F/N | 2F/N | 2 sum ceil(p_i/N) |
+| AdamW ``step`` counters, fp32 | one per tensor | 1 | 1 | one per sub-group |
 
-ZeRO 2 reproduces DeepSpeed's ``estimate_zero2_model_states_mem_needs`` (``2P + 18P/N``)
-exactly; for ZeRO 3 DeepSpeed's estimate (``18P/N`` + 4 bytes per parameter of the
-largest layer) leaves out the bf16 gradient partition, which we count (``20P/N``).
-Frozen weights (sin-cos tables, and the 1D expert under ``freeze_1d_expert``) cost their
-weights only; the frozen VAE stays fp32 (the engine does not cast it).
+Gradients are the most a rank holds at the end of a backward. Where each term comes from
+(measured per rank in ``tests/plan/test_memory_engine.py``):
 
-**EMA** weights are fp32 copies of the trainable weights. ``sharded`` (the default)
-keeps them partitioned like the fp32 master weights (1/N under ZeRO >= 1: each dp rank
-averages its own partition after the step); ``replicated`` keeps a full copy per tp/pp
-shard on every dp rank; ``none`` keeps none.
+- ZeRO 0: DeepSpeed hands an fp32 model's AdamW through untouched (it steps the weights in
+  place: no master copy); a bf16 model gets its unfused mixed-precision wrapper, one fp32
+  clone per tensor. Gradients are the tensors' own ``.grad``.
+- ZeRO 1/2 flatten the trainable tensors into one buffer padded to a multiple of
+  ``2 * N`` elements (``nccl_start_alignment_factor``); rank r owns elements
+  [rF/N, (r+1)F/N) and keeps an fp32 clone of them (even when the module is fp32).
+  Reduced gradients go into a buffer that holds WHOLE tensors: G_r is the sum of the
+  p_i that overlap rank r's range, plus, on the last rank, the F - P padding (zeros), so
+  a rank holds up to two tensors more than F/N. ZeRO 1 first accumulates the full
+  ``.grad`` over the micro-batches and reduces at the accumulation boundary.
+- ZeRO 3 pads every tensor to a multiple of N and keeps 1/N of it (``ds_tensor``, one flat
+  buffer for the trainable ones), frozen tensors too; tensors of at most
+  ``stage3_param_persistence_threshold`` (1e5) elements also stay gathered whole on every
+  rank after the first step (norms, biases), each in its padded all-gather buffer of
+  N ceil(p_i/N) elements (at N = 1 DeepSpeed gathers nothing: the weight is a view of
+  its partition). Gradients are one flat partition buffer, kept between steps; the
+  optimizer steps sub-groups of up to ``sub_group_size`` elements, each its own flat
+  fp32 tensor with its own step counter.
+- Precision is an input (``Precision``): GPU runs are bf16 modules with fp32 master
+  weights and Adam states (``MIXED_BF16``); the CPU runs train fp32 modules
+  (``FP32``) through the same engines and formulas. torch keeps AdamW's ``step`` on the
+  host unless ``capturable``, so it costs GPU memory nothing and CPU memory 4 bytes each.
+- Frozen weights (the sin-cos tables, and the 1D expert under ``freeze_1d_expert``) cost
+  their weights only (module dtype; partitioned as above under ZeRO 3); the frozen VAE
+  is not part of the engine: whole, fp32.
+
+DeepSpeed's ``estimate_zero2_model_states_mem_needs`` (``2P + 18P/N``: bf16 weights, bf16
+gradient partition, and an fp32 gradient partition, master and Adam states) is the table's
+ZeRO 2 column plus the fp32 gradient copy of the optimizer step, with F = P and G_r = P/N;
+``estimate_zero3_model_states_mem_needs`` (``18P/N`` + 4 bytes per element of the largest
+layer) leaves out the bf16 gradient partition and the persistent tensors and counts the
+gathered largest layer, which is an engine buffer here.
+
+**EMA** weights are fp32 copies of the trainable weights. ``sharded`` (the default, what
+``training/ema.py`` does) keeps them partitioned like the fp32 master weights: each dp
+rank averages the weights its optimizer owns, padding excluded (ZeRO 1/2: the real
+elements of its range of the flat buffer; ZeRO 3: of its slice of each tensor; without
+ZeRO every rank owns all of them); ``replicated`` keeps a full copy per tp/pp shard on
+every dp rank; ``none`` keeps none.
 
 **Activations** (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models"), per token of one decoder layer, written for this model's code:
@@ -66,7 +100,10 @@ ZeRO 1/2 all-gather the updated weights in ``allgather_bucket_size`` chunks.
 
 from __future__ import annotations
 
-import math
+import bisect
+import functools
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from modus_mega.plan.calibration import Calibration
@@ -77,33 +114,40 @@ from modus_mega.plan.workload import MicroBatch
 GIB = 2**30
 
 
+NCCL_START_ALIGNMENT = 2  # DeepSpeed ZeRO 1/2 pad the flat buffer to a multiple of this many elements per dp rank
+
+
 @dataclass(frozen=True)
 class Precision:
-    """Bytes per element of each kind of state."""
+    """Bytes per element of each kind of state: the input that makes one set of formulas fit GPU and CPU runs."""
 
-    param_bytes: int  # working weights of the trainable model
-    grad_bytes: int  # gradient buffers
-    master_bytes: int  # fp32 master weights the optimizer keeps (0 when the weights are fp32 already)
-    optimizer_bytes: int  # Adam exp_avg + exp_avg_sq
-    step_grad_bytes: int  # fp32 copy of the gradient partition made for the optimizer step
-    step_counter_bytes: int  # per trainable tensor (torch AdamW's float32 ``step``)
-    frozen_bytes: int  # frozen weights inside the model (sin-cos tables, a frozen expert)
-    vae_bytes: int  # the frozen VAE's weights and encode activations
+    param_bytes: int  # the engine's module dtype: trainable weights
+    grad_bytes: int  # gradients (DeepSpeed accumulates and reduces them in the module dtype)
+    master_bytes: int  # the optimizer's master weights (fp32 on every DeepSpeed path)
+    optimizer_bytes: int  # Adam exp_avg + exp_avg_sq per master element
+    step_counter_bytes: int  # per AdamW state tensor, its ``step``: 4 where it lives on the training device, else 0
+    frozen_bytes: int  # frozen weights inside the engine's module (the module dtype)
+    vae_bytes: int  # the frozen VAE's weights and encode activations (the engine does not cast it)
     activation_bytes: int  # saved activations
     ema_bytes: int  # EMA weights
 
+    @property
+    def module_is_master(self) -> bool:
+        """Whether the module's weights are already in the master dtype (fp32 training)."""
+        return self.param_bytes == self.master_bytes
+
 
 MIXED_BF16 = Precision(
-    param_bytes=2, grad_bytes=2, master_bytes=4, optimizer_bytes=8, step_grad_bytes=4, step_counter_bytes=0,
+    param_bytes=2, grad_bytes=2, master_bytes=4, optimizer_bytes=8, step_counter_bytes=0,
     frozen_bytes=2, vae_bytes=4, activation_bytes=2, ema_bytes=4,
 )  # fmt: skip
-"""GPU training: DeepSpeed bf16, ZeRO's flat fp32 partitions (step counters per group: negligible)."""
+"""GPU training: DeepSpeed bf16 (``training/engine.py`` on CUDA); AdamW's step counters stay on the host."""
 
 FP32 = Precision(
-    param_bytes=4, grad_bytes=4, master_bytes=0, optimizer_bytes=8, step_grad_bytes=0, step_counter_bytes=4,
+    param_bytes=4, grad_bytes=4, master_bytes=4, optimizer_bytes=8, step_counter_bytes=4,
     frozen_bytes=4, vae_bytes=4, activation_bytes=4, ema_bytes=4,
 )  # fmt: skip
-"""CPU training: fp32 weights stepped in place by torch.optim.AdamW (one float32 step counter per tensor)."""
+"""CPU training: DeepSpeed without bf16 (``training/engine.py`` on CPU); everything, step counters included, in CPU memory."""
 
 
 @dataclass(frozen=True)
@@ -115,10 +159,124 @@ class DeepSpeedSettings:
     allreduce_bucket_elements: int = 500_000_000  # engine.allreduce_gradients bucket without ZeRO
     prefetch_bucket_elements: int = 50_000_000  # zero_optimization.stage3_prefetch_bucket_size
     sub_group_elements: int = 1_000_000_000  # zero_optimization.sub_group_size (ZeRO 3 steps per sub-group)
+    persistence_threshold: int = 100_000  # zero_optimization.stage3_param_persistence_threshold (kept whole at or below)
 
     def overlap_comm(self, zero_stage: int) -> bool:
         """DeepSpeed's default ``overlap_comm``: on for ZeRO 3 only."""
         return zero_stage == 3
+
+
+@dataclass(frozen=True)
+class ZeroElements:
+    """Elements of each model state one dp rank holds (see the module docstring's table)."""
+
+    weights: int  # trainable weights in the module dtype (ZeRO 1/2: the padded flat buffer)
+    frozen: int  # frozen weights inside the engine's module
+    gradients: int  # the most gradient elements held at the end of a backward
+    master: int  # fp32 master elements, 0 where the optimizer steps the module's weights in place
+    optimizer: int  # elements of each Adam moment
+    step_counters: int  # AdamW state tensors (one ``step`` each)
+    owned: int  # weight elements this rank's optimizer updates, padding excluded (what a sharded EMA averages)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def flat_numel(trainable: int, dp: int) -> int:
+    """ZeRO 1/2's flat buffer: the trainable elements padded to a multiple of ``2 * dp``."""
+    alignment = NCCL_START_ALIGNMENT * dp
+    return _ceil_div(trainable, alignment) * alignment
+
+
+@functools.lru_cache(maxsize=256)
+def zero12_gradient_elements(sizes: tuple[int, ...], dp: int) -> tuple[int, ...]:
+    """Per dp rank, the elements of ZeRO 1/2's reduced-gradient buffer at the accumulation boundary.
+
+    ``sizes`` are the trainable tensors in flattening order. Rank r's buffer holds every
+    tensor that overlaps its range of the flat buffer whole, and zeros for the part of
+    its range that is padding (a range of padding only is all zeros).
+    """
+    total = sum(sizes)
+    partition = flat_numel(total, dp) // dp
+    ends = list(itertools.accumulate(sizes))
+    starts = [end - size for end, size in zip(ends, sizes)]
+    prefix = [0, *ends]  # prefix[i] = elements of tensors before i
+    per_rank = []
+    for rank in range(dp):
+        lo, hi = rank * partition, (rank + 1) * partition
+        first = bisect.bisect_right(ends, lo)  # first tensor ending after lo
+        stop = bisect.bisect_left(starts, hi)  # tensors starting before hi
+        whole = prefix[stop] - prefix[first] if stop > first else 0
+        padding = partition - max(0, min(hi, total) - lo)
+        per_rank.append(whole + padding)
+    return tuple(per_rank)
+
+
+def _zero3_sub_groups(partitions: list[int], sub_group_elements: int) -> int:
+    """Sub-groups ZeRO 3 cuts the partitions into (a group closes once it reaches ``sub_group_elements``)."""
+    if sum(partitions) <= sub_group_elements:
+        return 1
+    groups, size = 0, 0
+    for index, partition in enumerate(partitions):
+        size += partition
+        if size >= sub_group_elements or index == len(partitions) - 1:
+            groups, size = groups + 1, 0
+    return groups
+
+
+def zero_elements(
+    shape: ModelShape,
+    layout: Layout,
+    stage: int,
+    precision: Precision = MIXED_BF16,
+    ds: DeepSpeedSettings = DeepSpeedSettings(),
+    dp_rank: int | None = None,
+) -> ZeroElements:
+    """Elements of each model state on dp rank ``dp_rank`` of ``stage``.
+
+    None takes, term by term, the most any rank holds (the ranks differ by padding and by
+    ZeRO 2's whole-tensor gradients), an upper bound of the busiest rank.
+    """
+    z, dp = layout.zero_stage, layout.dp
+    if dp_rank is not None and not 0 <= dp_rank < dp:
+        raise ValueError(f"dp_rank {dp_rank} does not exist for dp={dp}")
+    tensors = shape.stage_tensors(stage, layout.pp)
+    trainable = tuple(t.local_numel(layout.tp) for t in tensors if t.trainable)
+    frozen = [t.local_numel(layout.tp) for t in tensors if not t.trainable]
+    total = sum(trainable)
+    ranks = range(dp) if dp_rank is None else (dp_rank,)
+    first = 0 if dp_rank is None else dp_rank  # owned elements never grow with the rank: rank 0 owns the most
+    if z == 0:
+        master = 0 if precision.module_is_master else total
+        return ZeroElements(total, sum(frozen), total, master, total, len(trainable), owned=total)
+    if z in (1, 2):
+        flat = flat_numel(total, dp)
+        partition = flat // dp
+        boundary = zero12_gradient_elements(trainable, dp)
+        reduced = max(boundary[r] for r in ranks)
+        gradients = max(total, reduced) if z == 1 else reduced
+        owned = max(0, min((first + 1) * partition, total) - first * partition)
+        return ZeroElements(flat, sum(frozen), gradients, partition, partition, 1, owned)
+    partitions = [_ceil_div(n, dp) for n in trainable]
+    part = sum(partitions)
+    owned = sum(max(0, min(p, n - first * p)) for n, p in zip(trainable, partitions))
+
+    def gathered(sizes: Sequence[int]) -> int:
+        """Persistent tensors, all-gathered into padded buffers (at dp = 1 the weight is a view of its partition)."""
+        if dp == 1:
+            return 0
+        return sum(_ceil_div(n, dp) * dp for n in sizes if n <= ds.persistence_threshold)
+
+    return ZeroElements(
+        weights=part + gathered(trainable),
+        frozen=sum(_ceil_div(n, dp) for n in frozen) + gathered(frozen),
+        gradients=part,
+        master=part,
+        optimizer=part,
+        step_counters=_zero3_sub_groups(partitions, ds.sub_group_elements),
+        owned=owned,
+    )
 
 
 @dataclass(frozen=True)
@@ -173,59 +331,80 @@ class MemoryEstimate:
         return max(terms, key=terms.__getitem__)
 
 
-def _shard(count: int, parts: int) -> int:
-    """Elements of one of ``parts`` equal partitions (DeepSpeed pads the last one)."""
-    return math.ceil(count / parts)
-
-
 def model_states(
-    shape: ModelShape, layout: Layout, stage: int, precision: Precision = MIXED_BF16, ema: EmaPlacement = "sharded"
+    shape: ModelShape,
+    layout: Layout,
+    stage: int,
+    precision: Precision = MIXED_BF16,
+    ema: EmaPlacement = "sharded",
+    ds: DeepSpeedSettings = DeepSpeedSettings(),
+    dp_rank: int | None = None,
 ) -> ModelStates:
-    """Weights, gradients, master weights, optimizer states and EMA of one GPU of ``stage``."""
-    counts = shape.stage(stage, layout.pp)
-    trainable, frozen = counts.trainable(layout.tp), counts.frozen(layout.tp)
-    z, dp = layout.zero_stage, layout.dp
-    optimizer_part = _shard(trainable, dp) if z >= 1 else trainable
+    """Weights, gradients, master weights, optimizer states and EMA of one GPU of ``stage``.
+
+    ``dp_rank`` picks the data-parallel rank (ranks differ by padding and ZeRO 2's gradient
+    buffer); None takes the most any rank holds, term by term.
+    """
+    e = zero_elements(shape, layout, stage, precision, ds, dp_rank)
     if ema == "none":
-        ema_bytes = 0
+        ema_elements = 0
+    elif ema == "sharded":
+        ema_elements = e.owned
     else:
-        ema_elements = optimizer_part if ema == "sharded" else trainable
-        ema_bytes = ema_elements * precision.ema_bytes
+        ema_elements = shape.stage(stage, layout.pp).trainable(layout.tp)
     return ModelStates(
-        weights=(_shard(trainable, dp) if z == 3 else trainable) * precision.param_bytes
-        + frozen * precision.frozen_bytes
+        weights=e.weights * precision.param_bytes
+        + e.frozen * precision.frozen_bytes
         + shape.vae_params(stage) * precision.vae_bytes,
-        gradients=(_shard(trainable, dp) if z >= 2 else trainable) * precision.grad_bytes,
-        master_weights=optimizer_part * precision.master_bytes,
-        optimizer_states=optimizer_part * precision.optimizer_bytes + counts.trainable_tensors * precision.step_counter_bytes,
-        ema=ema_bytes,
+        gradients=e.gradients * precision.grad_bytes,
+        master_weights=e.master * precision.master_bytes,
+        optimizer_states=e.optimizer * precision.optimizer_bytes + e.step_counters * precision.step_counter_bytes,
+        ema=ema_elements * precision.ema_bytes,
     )
 
 
 def step_transient(shape: ModelShape, layout: Layout, stage: int, precision: Precision, ds: DeepSpeedSettings) -> int:
-    """Bytes the optimizer step allocates on top of the model states (activations are freed by then)."""
+    """Bytes the optimizer step allocates on top of the model states (activations are freed by then).
+
+    Read from DeepSpeed's step code: without ZeRO, a bf16 module's gradients are upcast
+    tensor by tensor (an fp32 module's AdamW reads ``.grad`` itself), after the boundary
+    all-reduce flattened them bucket by bucket. ZeRO 1/2 flatten the rank's gradient
+    partition into a new tensor and upcast it to fp32 (a second copy unless the gradients
+    are fp32 already), then all-gather the updated weights in ``allgather_bucket_size``
+    chunks; ZeRO 3 flattens and upcasts one sub-group at a time.
+    """
     trainable = shape.stage(stage, layout.pp).trainable(layout.tp)
-    z, dp = layout.zero_stage, layout.dp
+    z = layout.zero_stage
+    upcast = 0 if precision.grad_bytes == precision.master_bytes else precision.master_bytes
     if z == 0:
-        partition = trainable
-        gather = min(ds.allreduce_bucket_elements, trainable) * precision.grad_bytes  # boundary all-reduce bucket
-    elif z in (1, 2):
-        partition = _shard(trainable, dp)
-        gather = min(ds.allgather_bucket_elements, trainable) * precision.param_bytes  # updated-weight all-gather
-    else:
-        partition = min(_shard(trainable, dp), ds.sub_group_elements)
-        gather = 0
-    return partition * precision.step_grad_bytes + gather
+        return trainable * upcast + min(ds.allreduce_bucket_elements, trainable) * precision.grad_bytes
+    partition = zero_elements(shape, layout, stage, precision, ds).master
+    if z in (1, 2):
+        gather = min(ds.allgather_bucket_elements, trainable) * precision.param_bytes
+        return partition * (precision.grad_bytes + upcast) + gather
+    return min(partition, ds.sub_group_elements) * (precision.grad_bytes + upcast)
 
 
-def engine_buffers(shape: ModelShape, layout: Layout, precision: Precision, ds: DeepSpeedSettings) -> int:
-    """DeepSpeed's persistent gradient buckets and, for ZeRO 3, the gathered working set."""
+def reduce_buckets(layout: Layout, precision: Precision, ds: DeepSpeedSettings) -> int:
+    """Bytes of ZeRO's gradient reduce buckets: ``reduce_bucket_size`` gradients each, whatever the model's size.
+
+    ZeRO 1/2 allocate them at the first gradient of a backward and free them when a backward
+    ends (ZeRO 1: only the one at the accumulation boundary), two with ``overlap_comm``;
+    ZeRO 3 allocates one at initialisation and keeps it.
+    """
     z = layout.zero_stage
     if z == 0:
         return 0
-    reduce = ds.reduce_bucket_elements * precision.grad_bytes
-    if z in (1, 2):
-        return reduce * (2 if ds.overlap_comm(z) else 1)
+    buckets = 2 if z in (1, 2) and ds.overlap_comm(z) else 1
+    return buckets * ds.reduce_bucket_elements * precision.grad_bytes
+
+
+def engine_buffers(shape: ModelShape, layout: Layout, precision: Precision, ds: DeepSpeedSettings) -> int:
+    """DeepSpeed's gradient reduce buckets and, for ZeRO 3, the gathered working set."""
+    z = layout.zero_stage
+    reduce = reduce_buckets(layout, precision, ds)
+    if z < 3:
+        return reduce
     largest = shape.largest_tensor(layout.tp)
     gathered = (largest + ds.prefetch_bucket_elements) * precision.param_bytes + largest * precision.grad_bytes
     return reduce + gathered

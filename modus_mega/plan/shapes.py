@@ -15,6 +15,11 @@ classified by three questions the memory and step-time models need:
   parameters), the 1D expert when ``freeze_1d_expert``, and the VAE, exactly as the
   training engine sets them.
 
+Besides the totals, every tensor is kept in module order (``ModelShape.tensors``): ZeRO's
+byte counts depend on tensor boundaries, not only on totals (DeepSpeed lays the trainable
+tensors out in this order in one flat buffer and cuts it into dp partitions; ZeRO 3 pads
+every tensor to a multiple of dp and keeps small tensors whole), see ``plan/memory.py``.
+
 A parameter the rules do not know raises, so a model change cannot silently skew a plan.
 """
 
@@ -76,6 +81,21 @@ class ParamCounts:
 
 
 @dataclass(frozen=True)
+class ParamTensor:
+    """One parameter tensor of ``ModusModel``."""
+
+    numel: int  # elements of the whole tensor (before tp sharding)
+    place: str  # "embed" (first stage), "layer" (decoder layer ``layer``) or "head" (last stage)
+    layer: int  # decoder layer index; -1 outside the decoder
+    sharded: bool  # split over tp ranks (numel must divide by tp)
+    trainable: bool
+
+    def local_numel(self, tp: int) -> int:
+        """Elements one tp rank holds."""
+        return self.numel // tp if self.sharded else self.numel
+
+
+@dataclass(frozen=True)
 class ModelShape:
     """Parameter placement and per-token costs of one model config (see the module docstring)."""
 
@@ -89,6 +109,7 @@ class ModelShape:
     vocab_rows: int  # padded vocabulary (rows of the embedding and the LM head)
     largest_sharded: int  # largest trainable tensor split over tp (full size)
     largest_replicated: int  # largest trainable tensor every tp rank holds whole
+    tensors: tuple[ParamTensor, ...]  # every parameter tensor in module order (``model.parameters()``)
 
     @property
     def num_layers(self) -> int:
@@ -108,6 +129,27 @@ class ModelShape:
                 # DeepSpeed's TiedLayerSpec keeps a copy of the shared table on the last stage.
                 counts = counts + ParamCounts(sharded_trainable=self.embedding_weight, trainable_tensors=1)
         return counts
+
+    def stage_tensors(self, stage: int, pp: int) -> tuple[ParamTensor, ...]:
+        """Parameter tensors of pipeline stage ``stage`` of ``pp`` in module order, the VAE excluded.
+
+        With pp > 1 and tied embeddings the last stage ends with its copy of the shared table
+        (as ``stage`` counts it).
+        """
+        if not 0 <= stage < pp or self.num_layers % pp:
+            raise ValueError(f"stage {stage} of pp={pp} does not exist for {self.num_layers} layers")
+        per_stage = self.num_layers // pp
+        first, last = stage == 0, stage == pp - 1
+
+        def held(t: ParamTensor) -> bool:
+            if t.place == "layer":
+                return t.layer // per_stage == stage
+            return first if t.place == "embed" else last
+
+        tensors = tuple(t for t in self.tensors if held(t))
+        if last and pp > 1 and self.cfg.llm.tie_word_embeddings:
+            tensors += (ParamTensor(self.embedding_weight, "head", -1, sharded=True, trainable=True),)
+        return tensors
 
     def total(self) -> ParamCounts:
         """Every parameter of the trainable model (tp = pp = 1), the VAE excluded."""
@@ -149,10 +191,13 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
     parts: dict[str, ParamCounts] = {"embed": ParamCounts(), "head": ParamCounts()}
     layers: dict[int, ParamCounts] = {}
     largest = {True: 0, False: 0}  # sharded? -> largest trainable tensor
+    tensors = []
     for name, param in model.named_parameters():
         place, sharded = _classify(name)
         trainable = param.requires_grad and not (cfg.llm.freeze_1d_expert and _FROZEN_1D_EXPERT.match(name))
         n = param.numel()
+        layer = int(_LAYER.match(name).group(1)) if place == "layer" else -1  # type: ignore[union-attr]
+        tensors.append(ParamTensor(n, place, layer, sharded, trainable))
         counts = ParamCounts(
             sharded_trainable=n if sharded and trainable else 0,
             replicated_trainable=n if not sharded and trainable else 0,
@@ -163,8 +208,7 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
         if trainable:
             largest[sharded] = max(largest[sharded], n)
         if place == "layer":
-            index = int(_LAYER.match(name).group(1))  # type: ignore[union-attr]
-            layers[index] = layers.get(index, ParamCounts()) + counts
+            layers[layer] = layers.get(layer, ParamCounts()) + counts
         else:
             parts[place] = parts[place] + counts
     assert len(set(layers.values())) == 1, "decoder layers differ in parameters"
@@ -184,6 +228,7 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
         vocab_rows=model.vocab.padded_size,
         largest_sharded=largest[True],
         largest_replicated=largest[False],
+        tensors=tuple(tensors),
     )
 
 

@@ -68,3 +68,17 @@ def test_frozen_1d_expert_is_counted_frozen(tiny_config: ModusConfig) -> None:
 def test_unknown_parameter_is_an_error() -> None:
     with pytest.raises(ValueError, match="modus_mega/plan/shapes.py"):
         _classify("adapter.weight")
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+@pytest.mark.parametrize("freeze_1d_expert", [False, True])
+def test_stage_tensors_add_up_to_the_stage_counts(tiny_config: ModusConfig, pp: int, freeze_1d_expert: bool) -> None:
+    tiny_config.model.llm.freeze_1d_expert = freeze_1d_expert
+    tiny_config.model.llm.tie_word_embeddings = pp == 2  # the tied copy on the last stage
+    shape = model_shape(tiny_config.model)
+    for stage in range(pp):
+        tensors, counts = shape.stage_tensors(stage, pp), shape.stage(stage, pp)
+        for tp in (1, 2):
+            assert sum(t.local_numel(tp) for t in tensors if t.trainable) == counts.trainable(tp)
+            assert sum(t.local_numel(tp) for t in tensors if not t.trainable) == counts.frozen(tp)
+        assert sum(t.trainable for t in tensors) == counts.trainable_tensors
