@@ -15,34 +15,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import nn
 
 from modus_mega.config import ModusConfig
 from modus_mega.convert.bagel import load_bagel_into
-from modus_mega.convert.source import LazyTensor, ShardFn
 from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.model.modus import ModusModel
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.pipeline import ModusPipeline
 from modus_mega.parallel.tensor_parallel import init_hooks
-
-
-def tensor_parallel_slicer(ctx: ParallelContext) -> ShardFn:
-    """The ``shard`` hook of ``source.load_into`` for ``ctx``'s layout.
-
-    The same slices as ``parallel.tensor_parallel.init_hooks`` (equal contiguous chunks along
-    each parameter's ``partition_dim``), cut with basic slicing only, so a lazy safetensors
-    slice reads just this rank's part.
-    """
-
-    def shard(param: nn.Parameter, full: LazyTensor) -> Tensor:
-        if not getattr(param, "tensor_model_parallel", False):
-            return full[:]
-        dim = param.partition_dim
-        size = param.shape[dim]
-        return full[(slice(None),) * dim + (slice(ctx.tp_rank * size, (ctx.tp_rank + 1) * size),)]
-
-    return shard
 
 
 def resumes_from_checkpoint(cfg: ModusConfig) -> bool:
@@ -70,7 +51,7 @@ def init_from_bagel(
     target: nn.Module = model.stage if isinstance(model, ModusPipeline) else model
     load_bagel_into(
         target, vae, Path(cfg.init.bagel_dir), cfg.model, seed=cfg.init.seed,
-        shard=tensor_parallel_slicer(ctx), full_shape=init_hooks(ctx)["full_shape"],
+        **init_hooks(ctx),
         allow_unused=isinstance(model, ModusPipeline), progress=ctx.is_main,
     )  # fmt: skip
     return True

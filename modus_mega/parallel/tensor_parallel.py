@@ -166,9 +166,12 @@ def init_hooks(ctx: ParallelContext) -> dict[str, FullShapeFn | ShardFn]:
         return torch.Size(shape)
 
     def shard(param: nn.Parameter, full: Tensor) -> Tensor:
+        # Basic slicing only, so the same hook cuts a lazy safetensors slice (convert.load_into)
+        # and reads just this rank's part from disk.
         if not getattr(param, "tensor_model_parallel", False):
-            return full
-        return full.chunk(ctx.tp, dim=param.partition_dim)[ctx.tp_rank]
+            return full[:]
+        dim, size = param.partition_dim, param.shape[param.partition_dim]
+        return full[(slice(None),) * dim + (slice(ctx.tp_rank * size, (ctx.tp_rank + 1) * size),)]
 
     return {"full_shape": full_shape, "shard": shard}
 
