@@ -112,6 +112,11 @@ def micro_batch_flops(shape: ModelShape, mb: MicroBatch, vae_image_flops: float,
     )
 
 
+def training_flops(flops: MicroBatchFlops, num_layers: int) -> float:
+    """Forward + backward FLOPs of a micro-batch: 3x the trainable forward, 1x the frozen VAE encoder."""
+    return 3.0 * (num_layers * (flops.decoder_linear + flops.attention) + flops.vit + flops.lm_head) + flops.vae
+
+
 def _ring_seconds(message_bytes: float, ranks: int, busbw_gbps: float, factor: float) -> float:
     """Bandwidth time of a ring collective: ``factor`` 2 for all-reduce, 1 for reduce-scatter / all-gather."""
     if ranks <= 1:
@@ -201,13 +206,7 @@ def estimate_step(
     bytes_per_param = 32 + (8 if ema != "none" else 0)
     optimizer = partition * bytes_per_param / (calibration.hbm_gbps * 1e9)
 
-    useful = micro_batch_flops(shape, mb, vae_image_flops, useful=True)
-    per_mb_useful = (
-        3.0 * llm.num_layers * (useful.decoder_linear + useful.attention)
-        + 3.0 * useful.vit
-        + useful.vae
-        + 3.0 * useful.lm_head
-    )
+    per_mb_useful = training_flops(micro_batch_flops(shape, mb, vae_image_flops, useful=True), llm.num_layers)
     micro_batches = d * m
     return StepEstimate(
         compute_s=m * compute_mb,

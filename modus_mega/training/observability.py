@@ -41,7 +41,7 @@ from modus_mega.data.documents import IGNORE_LABEL
 from modus_mega.data.packing import PackedBatch
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.plan.shapes import model_shape, vae_encoder_flops
-from modus_mega.plan.timing import micro_batch_flops
+from modus_mega.plan.timing import micro_batch_flops, training_flops
 from modus_mega.plan.workload import MicroBatch
 
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None  # imported only when a run uses it (slow import)
@@ -94,9 +94,7 @@ class ModelFlops:
         contents, vae_sizes = micro_batch_contents(batch, self.cfg)
         vae_total = sum(self.vae_image_flops(h, w) for h, w in vae_sizes)
         mean_vae = vae_total / len(vae_sizes) if vae_sizes else 0.0
-        f = micro_batch_flops(self.shape, contents, mean_vae, useful=True)
-        layers = self.cfg.llm.num_layers
-        return 3.0 * (layers * (f.decoder_linear + f.attention) + f.vit + f.lm_head) + f.vae
+        return training_flops(micro_batch_flops(self.shape, contents, mean_vae, useful=True), self.cfg.llm.num_layers)
 
 
 class ThroughputMeter:
