@@ -364,6 +364,16 @@ def load_bagel_into(
         load_into(modules, rows, shard=shard, full_shape=full_shape, allow_unused=allow_unused, progress=progress)
 
 
+def load_bagel_vae(vae: FluxAutoEncoder, bagel_dir: str | Path) -> None:
+    """Load only the release's autoencoder (``ae.safetensors``) into ``vae``.
+
+    For a run that resumes from its own checkpoint: the VAE is frozen and not part of the
+    DeepSpeed checkpoint, so it comes from the release every time the run starts.
+    """
+    with BagelSource(bagel_dir, with_vae=True) as source:
+        load_into({VAE_PREFIX: vae}, source, allow_unused=True)
+
+
 def import_bagel(
     bagel_dir: str | Path,
     cfg: ModelConfig,

@@ -1,5 +1,7 @@
 """Start a fresh training run from a BAGEL release (``init.bagel_dir``), at any tp x pp layout.
 
+A resumed run reads only the release's VAE: it is frozen, so the checkpoint does not hold it.
+
 ``training/engine.py`` calls ``init_from_bagel`` after the seeded init and before DeepSpeed
 wraps the model (ZeRO copies the weights into its own partitions there). Each rank reads
 only what it holds: its pipeline stage's tensors (stage parameters carry the model's
@@ -18,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from modus_mega.config import ModusConfig
-from modus_mega.convert.bagel import load_bagel_into
+from modus_mega.convert.bagel import load_bagel_into, load_bagel_vae
 from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.model.modus import ModusModel
 from modus_mega.parallel.context import ParallelContext
@@ -41,12 +43,16 @@ def init_from_bagel(
 
     ``model`` is this rank's tp shard (pp = 1) or its pipeline (pp > 1: its stage is
     loaded, the release's other tensors are skipped). Nothing is read when
-    ``init.bagel_dir`` is empty or the run resumes from its own checkpoint (whose weights
-    replace these anyway). The model config is checked against the release first
-    (``bagel.check_bagel_config``); the new vocabulary rows are drawn from ``init.seed``.
-    Every tensor this rank holds is overwritten.
+    ``init.bagel_dir`` is empty. A run that resumes from its own checkpoint reads only the
+    VAE: the checkpoint replaces the trained weights, but the frozen VAE is not in it. The
+    model config is checked against the release first (``bagel.check_bagel_config``); the
+    new vocabulary rows are drawn from ``init.seed``. Every tensor this rank holds is
+    overwritten.
     """
-    if not cfg.init.bagel_dir or resumes_from_checkpoint(cfg):
+    if not cfg.init.bagel_dir:
+        return False
+    if resumes_from_checkpoint(cfg):
+        load_bagel_vae(vae, Path(cfg.init.bagel_dir))
         return False
     target: nn.Module = model.stage if isinstance(model, ModusPipeline) else model
     load_bagel_into(

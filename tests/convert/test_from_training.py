@@ -296,6 +296,26 @@ def test_to_bagel_needs_a_run_started_from_bagel(tp_runs: Path, tmp_path: Path, 
         assert not any(name.startswith(VAE_PREFIX) for name in hf.names())
 
 
+def test_a_resumed_run_reads_only_the_vae_from_the_release(release, tmp_path: Path) -> None:
+    """The frozen VAE is not in the DeepSpeed checkpoint: a resumed run must still get BAGEL's, not the seeded one."""
+    _, raw, expected = release
+    cfg = _config(raw, tmp_path / "run", {})
+    checkpoint_root(cfg).mkdir(parents=True)
+    (checkpoint_root(cfg) / "latest").write_text("step_00000001")  # the model's weights would come from here
+    ctx = ParallelContext.initialize(cfg.parallel)
+    try:
+        engine = build_engine(cfg, ctx)
+    finally:
+        ctx.close()
+    vae = engine.vae.state_dict()
+    assert vae.keys() == {name[len(VAE_PREFIX) :] for name in expected if name.startswith(VAE_PREFIX)}
+    for name, value in vae.items():
+        torch.testing.assert_close(value, expected[VAE_PREFIX + name], rtol=0, atol=0)
+    weights = engine.model.state_dict()
+    name = next(name for name in weights if name in VOCAB_TENSORS)
+    assert not torch.equal(weights[name].float(), expected[name]), "the release's model weights were read on resume"
+
+
 def test_bagel_dir_is_validated_and_skipped_on_resume(release, tp_runs: Path, tmp_path: Path) -> None:
     _, raw, _ = release
     (tmp_path / "empty").mkdir()
