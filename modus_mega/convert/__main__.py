@@ -1,4 +1,6 @@
-"""Command line of checkpoint conversion: ``python -m modus_mega.convert {from-bagel,to-bagel,to-hf,from-hf}``.
+"""Command line of checkpoint conversion: ``python -m modus_mega.convert <command>``.
+
+Commands: ``from-bagel``, ``to-bagel``, ``to-hf``, ``from-hf``, ``universal``.
 
 ``to-hf`` and ``to-bagel`` read a MODUS checkpoint in the hf layout or a training run
 directory (one holding ``checkpoints/``: its latest DeepSpeed checkpoint at any tp, pp and
@@ -7,6 +9,10 @@ stays near the largest tensor), shows a progress bar, refuses missing / extra /
 mis-shaped tensors before writing anything, and writes its output into a temporary
 directory renamed into place at the end, so a failed or interrupted run never leaves a
 half-written checkpoint.
+
+``universal`` writes a training checkpoint tag's universal form (``<tag>/universal``: full
+fp32 weights, Adam moments and EMA per parameter, ``convert/universal.py``), from which a
+run resumes at another tp, pp or ZeRO stage.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from modus_mega.convert.deepspeed_run import DeepSpeedRunSource, is_run_dir
 from modus_mega.convert.files import parse_size
 from modus_mega.convert.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, open_hf, read_hf_config, write_hf
 from modus_mega.convert.source import TensorSource
+from modus_mega.convert.universal import write_universal
 
 _DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +46,7 @@ def _common(parser: argparse.ArgumentParser, shards: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of all four commands."""
+    """The argument parser of all five commands."""
     parser = argparse.ArgumentParser(
         prog="python -m modus_mega.convert",
         description="Convert MODUS checkpoints. Layouts: 'bagel' = BAGEL-7B-MoT's release (ema.safetensors, "
@@ -75,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("from-hf", help="hf layout -> MODUS checkpoint (validated, re-sharded, re-cast)")
     p.add_argument("src", type=Path, help="checkpoint directory in the hf layout")
     _common(p, shards=True)
+
+    p = commands.add_parser(
+        "universal",
+        help="training checkpoint tag -> its universal form (<tag>/universal), to resume at another tp / pp / ZeRO",
+        description="Write <tag>/universal: every parameter's full fp32 weight, Adam moments and EMA under its "
+        "global name, read from the tag at any tp, pp and ZeRO 0-3 layout. A run whose latest tag was saved at "
+        "another layout (same dp) resumes from it.",
+    )
+    p.add_argument("src", type=Path, help="a checkpoint tag, RUN_DIR/checkpoints/<tag> (or RUN_DIR: its latest tag)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing <tag>/universal")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -107,6 +125,8 @@ def _open_source(args: argparse.Namespace) -> tuple[ModelConfig, TensorSource, P
 
 def run(args: argparse.Namespace) -> Path:
     """Execute one parsed command; returns the output directory."""
+    if args.command == "universal":
+        return write_universal(args.src, overwrite=args.overwrite, progress=not args.quiet)
     dtype, progress = _DTYPES[args.dtype], not args.quiet
     if args.command == "from-bagel":
         cfg = load_config(args.config, args.overrides).model

@@ -1,12 +1,12 @@
-"""A training run's latest checkpoint as a ``TensorSource``: any tp degree and ZeRO stage 0-3.
+"""A training run's checkpoint as a ``TensorSource``: any tp degree and ZeRO stage 0-3.
 
 What is read (``training/checkpoint.py`` writes the run's part, DeepSpeed names its files;
 ``m = s * tp + t`` is DeepSpeed's model-parallel rank of pipeline stage s, tp rank t)::
 
-    RUN_DIR/checkpoints/latest                                    the tag of the last complete save
+    RUN_DIR/checkpoints/latest                                    the tag of the last complete save (the default)
     <tag>/trainer_state.json                                      the step and the resolved config
     <tag>/mp_rank_{m:02d}_model_states.pt                         ZeRO 0-2: the module's tensors (pp = 1),
-                                                                  parameter shapes
+                                                                  parameter shapes, ZeRO 0's optimizer state
     <tag>/layer_{s:02d}-model_{t:02d}-model_states.pt             pp > 1: stage s's tensors (global names)
     <tag>/zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt        ZeRO 3: shapes, frozen fragments of dp rank d
     <tag>/[bf16_]zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt ZeRO 1-3: (d, m)'s fp32 partition
@@ -37,6 +37,18 @@ parameter its optimizer owns (``training/ema.py``); a tp rank's pieces are joine
 dp ranks one parameter at a time (``ema.assemble_ema``). Frozen parameters and buffers,
 which no EMA averages, are the checkpoint's own.
 
+Adam moments (``adam_state="exp_avg"`` or ``"exp_avg_sq"``, for ``convert/universal.py``):
+the optimizer's moment of every trainable parameter (frozen ones have none and are left
+out). At ZeRO 1-3 each moment is a flat vector laid out exactly like the fp32 partition it
+belongs to (torch's AdamW state of DeepSpeed's flat parameters), so it is read with the
+same offsets; at ZeRO 0 torch's per-parameter state in the model-states file is matched to
+the names ``training/checkpoint.py`` records there (``OPTIMIZER_PARAM_NAMES``). Before the
+optimizer's first step its state is empty, which AdamW treats as zero moments at step 0,
+and so does this source. ``optimizer_step`` is AdamW's step count (one for all parameters:
+every rank steps every group together). ZeRO 0 in bf16 (GPU) keeps its fp32 master weights
+and moments in DeepSpeed's BF16 optimizer files, which this source does not read (its
+weights there are the module's bf16 copy); asking for its moments is refused.
+
 The VAE is frozen and not part of the DeepSpeed checkpoint: it is the release's
 ``ae.safetensors`` when the run started from ``init.bagel_dir``; a run started from the
 seeded init exports no VAE.
@@ -62,11 +74,25 @@ from modus_mega.convert.hf import expected_shapes
 from modus_mega.convert.keymap import VAE_PREFIX, is_vae_name
 from modus_mega.convert.source import LazyTensor, SafetensorsSource, TensorSource, is_extra_state
 from modus_mega.parallel.pipeline import global_parameter_name
-from modus_mega.training.checkpoint import LATEST, TRAINER_STATE, latest_tag
+from modus_mega.training.checkpoint import (
+    LATEST,
+    OPTIMIZER_PARAM_NAMES,
+    TRAINER_STATE,
+    extras_file,
+    latest_tag,
+    run_checkpoints,
+)
 from modus_mega.training.ema import assemble_ema
 
-CHECKPOINTS_DIR = "checkpoints"  # <run_dir>/checkpoints, as training/checkpoint.py's checkpoint_root
-EXTRAS_FILE = "extras/rank_{rank:05d}.pt"  # per global rank, in a tag (training/checkpoint.py's save_checkpoint)
+ADAM_STATES = ("exp_avg", "exp_avg_sq")  # torch AdamW's moments: what ``adam_state`` may name
+
+# Per ZeRO stage, the optimizer file's entries: the fp32 partitions (one flat tensor per group)
+# and the torch optimizer state of those flat tensors, which holds the Adam moments.
+_ZERO_FLATS = {
+    1: ("single_partition_of_fp32_groups", "base_optimizer_state"),
+    2: ("single_partition_of_fp32_groups", "base_optimizer_state"),
+    3: ("fp32_flat_groups", "optimizer_state_dict"),
+}
 
 
 class _Inert:
@@ -90,7 +116,7 @@ _DEEPSPEED_STAND_INS: list[tuple[Any, str]] = [
 
 def is_run_dir(path: str | Path) -> bool:
     """True when ``path`` is a training run directory (it holds ``checkpoints/``)."""
-    return (Path(path) / CHECKPOINTS_DIR).is_dir()
+    return run_checkpoints(path).is_dir()
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
@@ -158,6 +184,10 @@ def _whole(tensor: Tensor) -> _Local:
     return _Local(tensor.shape, tensor.dtype, lambda: tensor.clone())
 
 
+def _zeros(shape: torch.Size) -> _Local:
+    return _Local(shape, torch.float32, lambda: torch.zeros(shape))
+
+
 def _zero12_piece(view: _FlatView, start: int, shape: torch.Size) -> _Local:
     return _Local(shape, view.dtype, lambda: view.read(start, start + shape.numel()).view(shape))
 
@@ -173,6 +203,14 @@ def _zero3_piece(views: Sequence[_FlatView], start: int, shape: torch.Size) -> _
 
 def _zero3_frozen(fragments: Sequence[Tensor], shape: torch.Size) -> _Local:
     return _Local(shape, fragments[0].dtype, lambda: torch.cat(list(fragments))[: shape.numel()].view(shape))
+
+
+def _zero3_frozen_tensors(states: Sequence[dict[str, Any]]) -> dict[str, _Local]:
+    """ZeRO 3's frozen parameters, from every dp rank's fragments (``states``: the dp ranks' model states)."""
+    return {
+        name: _zero3_frozen([state["frozen_param_fragments"][name] for state in states], torch.Size(shape))
+        for name, shape in (states[0].get("frozen_param_shapes") or {}).items()
+    }
 
 
 def _ema_piece(states: Sequence[dict[str, Any]], name: str, shape: torch.Size) -> _Local:
@@ -193,20 +231,31 @@ class _Deferred:
 
 
 class DeepSpeedRunSource(TensorSource):
-    """The model tensors of ``run_dir``'s latest checkpoint under MODUS names, full shapes, read lazily.
+    """The model tensors of a checkpoint of ``run_dir`` under MODUS names, full shapes, read lazily.
 
-    ``config`` is the run's resolved config (from the checkpoint's ``trainer_state.json``)
-    and ``step`` its optimizer step. With ``ema`` the trainable parameters are the run's
-    EMA weights instead (refused when the run keeps none). With ``with_vae`` the VAE's
+    The checkpoint is the tag ``tag``, by default the one ``latest`` names. ``config`` is
+    the run's resolved config (from the checkpoint's ``trainer_state.json``) and ``step``
+    its training step. With ``ema`` the trainable parameters are the run's EMA weights
+    instead (refused when the run keeps none); with ``adam_state`` (one of ``ADAM_STATES``)
+    the source holds that Adam moment of each trainable parameter and nothing else, and
+    ``optimizer_step`` is AdamW's step count (None otherwise). With ``with_vae`` the VAE's
     tensors are included when the run started from a BAGEL release (``has_vae``). Every
     inconsistency (a missing rank file, metadata that does not match the partitions, tp
     pieces that do not fit the model config) is a ValueError naming the file.
     """
 
-    def __init__(self, run_dir: str | Path, ema: bool = False, with_vae: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        ema: bool = False,
+        with_vae: bool = True,
+        tag: str | None = None,
+        adam_state: str | None = None,
+    ) -> None:
         run_dir = Path(run_dir)
-        root = run_dir / CHECKPOINTS_DIR
-        tag = latest_tag(root)
+        root = run_checkpoints(run_dir)
+        named_by = f"{root / LATEST} names" if tag is None else "asked for"
+        tag = tag or latest_tag(root)
         if tag is None:
             raise ValueError(
                 f"{run_dir} holds no completed training checkpoint: {root / LATEST} is missing (the run never "
@@ -214,8 +263,10 @@ class DeepSpeedRunSource(TensorSource):
             )
         self.tag_dir = root / tag
         if not self.tag_dir.is_dir():
-            raise ValueError(f"{root / LATEST} names tag {tag!r}, but {self.tag_dir} does not exist; point it at a "
-                             "complete tag or restore that directory")  # fmt: skip
+            raise ValueError(f"{named_by} tag {tag!r}, but {self.tag_dir} does not exist; point it at a complete "
+                             "tag or restore that directory")  # fmt: skip
+        if adam_state is not None and (adam_state not in ADAM_STATES or ema):
+            raise ValueError(f"adam_state={adam_state!r} with ema={ema}: read one of {ADAM_STATES}, or weights")
         self.label = str(self.tag_dir)
         state_path = self.tag_dir / TRAINER_STATE
         record = read_json(state_path, "the trainer state (step and resolved config)")
@@ -230,11 +281,18 @@ class DeepSpeedRunSource(TensorSource):
                 f"{self.tag_dir} holds no EMA weights: its run trained with training.ema_decay = "
                 f"{self.config.training.ema_decay} (see {state_path}); export without --ema"
             )
-        self.ema = ema
+        self.ema, self.adam_state = ema, adam_state
+        self._steps: set[int] = set()  # AdamW step counts seen (adam_state sources)
         self._ranks = [self._open_tp_rank(t) for t in range(self.tp)]  # each: name -> this tp rank's piece
         self._names, self._split_dims = self._merge_plan()
+        self.optimizer_step: int | None = None
+        if adam_state is not None:
+            if len(self._steps) != 1:
+                raise ValueError(f"the optimizer states of {self.tag_dir} hold different step counts "
+                                 f"({sorted(self._steps)}); the tag mixes two runs: use an earlier tag")  # fmt: skip
+            (self.optimizer_step,) = self._steps
         self._vae: SafetensorsSource | None = None
-        if with_vae and self.config.init.bagel_dir:
+        if with_vae and self.config.init.bagel_dir and adam_state is None:
             self._vae = SafetensorsSource([Path(self.config.init.bagel_dir) / AE_FILE])
             self._names += [VAE_PREFIX + name for name in self._vae.names()]
         self._name_set = set(self._names)
@@ -276,17 +334,17 @@ class DeepSpeedRunSource(TensorSource):
         local: dict[str, _Local] = {}
         if self.zero_stage < 3:  # the module holds every tensor in full (bf16 on GPU)
             local.update({name: _whole(tensor) for name, tensor in module.items() if isinstance(tensor, Tensor)})
-        if self.zero_stage > 0:  # trainable parameters: the fp32 master copy of the partitions
-            optims = [self._optimizer_state(d, m, main) for d in range(dp)]
-            if self.zero_stage == 3:
-                states = [main] + [
-                    load_checkpoint_file(self.tag_dir / f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt")
-                    for d in range(1, dp)
-                ]
-                local.update(self._zero3_tensors(states, optims, first))
-                local.update({name: _whole(module[name]) for name in _field(main, "buffer_names", first)})
-            else:
-                local.update(self._zero12_tensors(main, optims, first, rename))
+        optims = [self._optimizer_state(d, m, main) for d in range(dp)] if self.zero_stage > 0 else []
+        if self.zero_stage == 3:  # trainable parameters: the fp32 master copy of the partitions
+            states = [main] + [
+                load_checkpoint_file(self.tag_dir / f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt")
+                for d in range(1, dp)
+            ]
+            local.update(self._zero3_tensors(main, self._master_partitions(optims), first))
+            local.update(_zero3_frozen_tensors(states))
+            local.update({name: _whole(module[name]) for name in _field(main, "buffer_names", first)})
+        elif self.zero_stage > 0:
+            local.update(self._zero12_tensors(main, optims[0][1], self._master_partitions(optims), first, rename))
         if self.ema:
             local.update(self._ema_tensors(s, t, dp, local, rename))
         aliases = set(main.get("shared_params") or {})  # tied parameters: kept under their first name
@@ -296,6 +354,8 @@ class DeepSpeedRunSource(TensorSource):
                 f"{first}: module tensor {unknown[0]!r} is in no partition of the checkpoint's metadata (and "
                 f"{len(unknown) - 1} more); the checkpoint is inconsistent: use an earlier tag"
             )
+        if self.adam_state is not None:  # the trainable parameters' moments replace the weights
+            local = self._adam_tensors(main, optims, first, rename, local)
         order = [name for name in module if name in local and name not in aliases and not is_extra_state(name)]
         return {name: local[name] for name in _drop_tied(order, module)}
 
@@ -309,22 +369,120 @@ class DeepSpeedRunSource(TensorSource):
                              f"{self.zero_stage}; the tag mixes two runs: use an earlier tag")  # fmt: skip
         return path, state
 
-    def _zero12_tensors(
+    def _master_partitions(self, optims: list[tuple[Path, dict[str, Any]]]) -> list[tuple[Path, list[Tensor]]]:
+        """Per dp rank (ZeRO 1-3): its optimizer file and its fp32 partition, one flat tensor per group."""
+        flats_key, _ = _ZERO_FLATS[self.zero_stage]
+        return [(path, _field(state, flats_key, path)) for path, state in optims]
+
+    def _moment_partitions(
+        self, optims: list[tuple[Path, dict[str, Any]]], moment: str
+    ) -> list[tuple[Path, list[Tensor]]] | None:
+        """``_master_partitions``' layout for the Adam ``moment``; None before the optimizer's first step."""
+        _, optimizer_key = _ZERO_FLATS[self.zero_stage]
+        adams = [self._adam_states(_field(state, optimizer_key, path), path) for path, state in optims]
+        if all(adam is None for adam in adams):
+            return None
+        partitions = []
+        for (path, flats), adam in zip(self._master_partitions(optims), adams):
+            if adam is None or len(adam) != len(flats):
+                raise ValueError(
+                    f"{path} holds Adam moments for {len(adam or [])} of its {len(flats)} flat groups, unlike the "
+                    "other dp ranks' files; the tag is inconsistent: use an earlier tag"
+                )
+            partitions.append((path, [param_state[moment] for param_state in adam]))
+        return partitions
+
+    def _adam_states(self, optimizer: dict[str, Any], path: Path) -> list[dict[str, Any]] | None:
+        """A torch optimizer state dict's per-parameter states in parameter order; None before its first step.
+
+        Records the step counts found (``optimizer_step``).
+        """
+        state = _field(optimizer, "state", path)
+        if not state:
+            self._steps.add(0)
+            return None
+        order = [i for group in _field(optimizer, "param_groups", path) for i in group["params"]]
+        if sorted(state) != sorted(order):
+            raise ValueError(f"{path}: the optimizer holds state for {len(state)} of its {len(order)} parameters; "
+                             "the checkpoint is inconsistent: use an earlier tag")  # fmt: skip
+        self._steps.update(int(state[i]["step"]) for i in order)
+        return [state[i] for i in order]
+
+    def _adam_tensors(
         self,
         main: dict[str, Any],
         optims: list[tuple[Path, dict[str, Any]]],
         first: Path,
         rename: Callable[[str], str],
+        weights: dict[str, _Local],
     ) -> dict[str, _Local]:
-        """Trainable parameters from the fp32 partitions (ZeRO 1-2), under ``rename``d names."""
-        dp = len(optims)
+        """Moment ``adam_state`` of the stage's trainable parameters by name; zeros before the first step."""
+        if self.zero_stage == 0:
+            return self._zero0_adam_tensors(main, first, weights)
+        partitions = self._moment_partitions(optims, self.adam_state)
+        if partitions is None:
+            trainable = [rename(name) for shapes in _field(main, "param_shapes", first) for name in shapes]
+            return {name: _zeros(weights[name].shape) for name in trainable}
+        if self.zero_stage == 3:
+            return self._zero3_tensors(main, partitions, first)
+        return self._zero12_tensors(main, optims[0][1], partitions, first, rename)
+
+    def _zero0_adam_tensors(self, main: dict[str, Any], first: Path, weights: dict[str, _Local]) -> dict[str, _Local]:
+        """ZeRO 0: torch's per-parameter AdamW state, named by the checkpoint's record of the optimizer's parameters."""
+        optimizer = main.get("optimizer")
+        if not isinstance(optimizer, dict) or "state" not in optimizer:
+            raise ValueError(
+                f"{first} holds no torch optimizer state ({sorted(optimizer or {})[:4]}): a ZeRO 0 run in bf16 keeps "
+                "its fp32 weights and Adam moments in DeepSpeed's BF16 optimizer files, which are not read here; "
+                "train with parallel.zero_stage=1 to convert its checkpoints"
+            )
+        names = main.get(OPTIMIZER_PARAM_NAMES)
+        if names is None:
+            raise ValueError(
+                f"{first} does not record which parameter each ZeRO 0 optimizer state belongs to (the checkpoint "
+                "predates that record); resume the run at its saved layout, save a new checkpoint, and convert that"
+            )
+        missing = [name for name in names if name not in weights]
+        if missing:
+            raise ValueError(f"{first} names optimizer parameter {missing[0]!r}, which its module does not hold; "
+                             "the checkpoint is inconsistent: use an earlier tag")  # fmt: skip
+        states = self._adam_states(optimizer, first)
+        if states is None:
+            return {name: _zeros(weights[name].shape) for name in names}
+        if len(states) != len(names):
+            raise ValueError(f"{first} holds optimizer state for {len(states)} parameters but names {len(names)}; "
+                             "the checkpoint is inconsistent: use an earlier tag")  # fmt: skip
+        moments: dict[str, _Local] = {}
+        for name, param_state in zip(names, states):
+            moment = param_state[self.adam_state]
+            if moment.shape != weights[name].shape:
+                raise ValueError(
+                    f"{first}: the {self.adam_state} of {name!r} is {list(moment.shape)}, the parameter "
+                    f"{list(weights[name].shape)}; the checkpoint is inconsistent: use an earlier tag"
+                )
+            moments[name] = _whole(moment)
+        return moments
+
+    def _zero12_tensors(
+        self,
+        main: dict[str, Any],
+        optim_state: dict[str, Any],
+        partitions: list[tuple[Path, list[Tensor]]],
+        first: Path,
+        rename: Callable[[str], str],
+    ) -> dict[str, _Local]:
+        """Trainable parameters from the flat ``partitions`` (ZeRO 1-2), under ``rename``d names.
+
+        ``optim_state`` (dp rank 0's optimizer state) gives the alignment padding after each parameter.
+        """
+        dp = len(partitions)
         local: dict[str, _Local] = {}
         groups = _field(main, "param_shapes", first)
-        paddings = optims[0][1].get("param_alignment_paddings") or [[0] * len(shapes) for shapes in groups]
+        paddings = optim_state.get("param_alignment_paddings") or [[0] * len(shapes) for shapes in groups]
         for g, shapes in enumerate(groups):
             view = _FlatView(
-                [_field(state, "single_partition_of_fp32_groups", path)[g] for path, state in optims],
-                f"parameter group {g} of {', '.join(path.name for path, _ in optims)}",
+                [flats[g] for _, flats in partitions],
+                f"parameter group {g} of {', '.join(path.name for path, _ in partitions)}",
             )
             offset = 0
             for (name, shape), pad in zip(shapes.items(), paddings[g]):
@@ -339,10 +497,10 @@ class DeepSpeedRunSource(TensorSource):
         return local
 
     def _zero3_tensors(
-        self, states: list[dict[str, Any]], optims: list[tuple[Path, dict[str, Any]]], first: Path
+        self, main: dict[str, Any], partitions: list[tuple[Path, list[Tensor]]], first: Path
     ) -> dict[str, _Local]:
-        """Trainable parameters from every dp rank's flat groups, frozen ones from their fragments (ZeRO 3)."""
-        views = [_FlatView(_field(state, "fp32_flat_groups", path), str(path)) for path, state in optims]
+        """Trainable parameters from every dp rank's flat groups (ZeRO 3)."""
+        views = [_FlatView(flats, str(path)) for path, flats in partitions]
         if len({view.numel for view in views}) != 1:
             raise ValueError(
                 f"the ZeRO-3 partitions of {self.tag_dir} differ in size across dp ranks "
@@ -350,7 +508,7 @@ class DeepSpeedRunSource(TensorSource):
             )
         local: dict[str, _Local] = {}
         offset = 0
-        for shapes in _field(states[0], "param_shapes", first):
+        for shapes in _field(main, "param_shapes", first):
             for name, shape in shapes.items():
                 local[name] = _zero3_piece(views, offset, torch.Size(shape))
                 offset += math.ceil(torch.Size(shape).numel() / len(views))
@@ -359,8 +517,6 @@ class DeepSpeedRunSource(TensorSource):
                 f"the parameters of {first.name} fill {offset} elements per dp rank, but {views[0].label} holds "
                 f"{views[0].numel}; the optimizer files do not belong to these model states: use an earlier tag"
             )
-        for name, shape in (states[0].get("frozen_param_shapes") or {}).items():
-            local[name] = _zero3_frozen([s["frozen_param_fragments"][name] for s in states], torch.Size(shape))
         return local
 
     def _ema_tensors(
@@ -370,7 +526,7 @@ class DeepSpeedRunSource(TensorSource):
         states = []
         for d in range(dp):
             rank = (s * dp + d) * self.tp + t  # ParallelContext's rank order: tp fastest, then dp, then pp
-            path = self.tag_dir / EXTRAS_FILE.format(rank=rank)
+            path = extras_file(self.tag_dir, rank)
             extras = load_checkpoint_file(path)
             if "ema" not in extras:
                 raise ValueError(f"{path} holds no EMA weights although the run's config enables them; the "
@@ -468,7 +624,7 @@ class DeepSpeedRunSource(TensorSource):
     def describe(self, name: str) -> str:
         if is_vae_name(name) and self._vae is not None:
             return f"{name!r} (the VAE of {self.config.init.bagel_dir}/{AE_FILE})"
-        weights = "EMA weights" if self.ema else "weights"
+        weights = f"Adam {self.adam_state}" if self.adam_state else "EMA weights" if self.ema else "weights"
         return f"{name!r} ({weights}) in {self.tag_dir} (tp={self.tp}, pp={self.pp}, ZeRO {self.zero_stage})"
 
     def close(self) -> None:

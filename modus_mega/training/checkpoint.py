@@ -1,17 +1,22 @@
 """Training checkpoints: DeepSpeed's model and optimizer state plus what exact resume needs.
 
-Layout under ``<run_dir>/checkpoints/``::
+Layout under ``<run_dir>/checkpoints/`` (the names are this module's constants, also used by
+``convert/deepspeed_run.py`` and ``convert/universal.py``)::
 
     step_00000040/               one tag per save (DeepSpeed's files: model and optimizer shards)
         trainer_state.json       the step, the skipped-step counters and the resolved config
         extras/rank_00000.pt     per rank: RNG states (torch, CUDA, Python, NumPy), the loader's state,
                                  this rank's EMA pieces (training/ema.py) when training.ema_decay > 0
+        universal/               optional: the tag as full tensors, for another layout (convert/universal.py)
     latest                       the tag to resume from
 
 With pp > 1 the same calls save and load the pipeline engine, which writes the model per
 stage: ``layer_<stage>-model_<tp>-model_states.pt`` (by dp rank 0 of each stage; keys are
 the model's global parameter names, ``parallel/pipeline.py``), plus one
 ``mp_rank_<i>_model_states.pt`` per (stage, tp) rank for the rest of the engine's state.
+That file also records the global names of the parameters the optimizer updates, in its
+order (``OPTIMIZER_PARAM_NAMES``): at ZeRO 0 DeepSpeed saves torch's optimizer state, which
+knows its parameters by position only.
 
 ``latest`` is replaced atomically, and only after every rank finished writing the tag, so
 a crash during a save leaves the previous checkpoint as ``latest``. DeepSpeed's own
@@ -21,7 +26,17 @@ DeepSpeed's tools (``zero_to_fp32.py``) still find it.
 Data position: ``PackedLoader.state_dict()`` (per rank: each dp rank reads its own part of
 the data); the noise of each micro-batch is seeded by its place in the run. Together with
 the restored optimizer state this makes a resumed CPU run reproduce the uninterrupted
-losses exactly. Resuming needs the saved layout (the loader checks dp and its workers).
+losses exactly.
+
+Resuming at another layout. A tag's files are shards of one (tp, pp, dp, ZeRO stage)
+layout (``Layout``; dp is the number of extras files over tp * pp). ``load_checkpoint``
+compares it with the running one: the same layout loads DeepSpeed's files directly; any
+other needs the tag's universal form (``python -m modus_mega.convert universal <tag>``),
+from which each rank takes its own slices of the full weights, Adam moments and EMA
+(``convert/universal.py``), and the loader state and RNG of the saved rank with the same
+dp rank. dp itself must stay: each dp rank reads its own part of the data (its shard
+readers, their positions, its packer's waiting documents), so the data a run with another
+dp degree would read next is not the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -42,10 +57,15 @@ import torch
 from modus_mega.config import ModusConfig, config_to_dict
 from modus_mega.data.loader import PackedLoader
 from modus_mega.parallel.context import ParallelContext
+from modus_mega.parallel.pipeline import global_parameter_name
 from modus_mega.training.engine import TrainEngine
 
-LATEST = "latest"
-TRAINER_STATE = "trainer_state.json"
+CHECKPOINTS_DIR = "checkpoints"  # <run_dir>/checkpoints: the tags and ``latest``
+LATEST = "latest"  # <checkpoints>/latest: the tag to resume from
+TRAINER_STATE = "trainer_state.json"  # <tag>/trainer_state.json
+EXTRAS_DIR = "extras"  # <tag>/extras/rank_{rank:05d}.pt
+UNIVERSAL_DIR = "universal"  # <tag>/universal: the tag as full tensors (convert/universal.py)
+OPTIMIZER_PARAM_NAMES = "optimizer_param_names"  # key of DeepSpeed's model-states file: names in optimizer order
 
 
 @dataclass
@@ -57,9 +77,49 @@ class TrainerState:
     bad_in_a_row: int = 0  # the non-finite streak the last steps ended with
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The parallel layout whose shards a checkpoint's files are."""
+
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+
+    def rank(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        """The global rank of these coordinates (``ParallelContext``'s order: tp fastest, then dp, then pp)."""
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    def __str__(self) -> str:
+        return f"tp={self.tp}, pp={self.pp}, dp={self.dp}, ZeRO {self.zero_stage}"
+
+
 def checkpoint_root(cfg: ModusConfig) -> Path:
     """The directory holding this run's checkpoint tags and ``latest``."""
-    return Path(cfg.training.run_dir) / "checkpoints"
+    return run_checkpoints(cfg.training.run_dir)
+
+
+def run_checkpoints(run_dir: str | Path) -> Path:
+    """The checkpoint directory of the run in ``run_dir``."""
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def extras_file(tag_dir: Path, rank: int) -> Path:
+    """Global rank ``rank``'s extras (RNG, loader, EMA pieces) in the tag ``tag_dir``."""
+    return tag_dir / EXTRAS_DIR / f"rank_{rank:05d}.pt"
+
+
+def saved_layout(tag_dir: Path) -> Layout:
+    """The layout the tag ``tag_dir`` was saved at: its config's tp, pp and ZeRO stage, dp from its extras files."""
+    parallel = json.loads((tag_dir / TRAINER_STATE).read_text())["config"]["parallel"]
+    tp, pp = parallel["tp"], parallel["pp"]
+    world_size = len(list((tag_dir / EXTRAS_DIR).glob("rank_*.pt")))
+    if world_size == 0 or world_size % (tp * pp):
+        raise ValueError(
+            f"{tag_dir / EXTRAS_DIR} holds {world_size} rank files, not a multiple of tp * pp = {tp} * {pp} "
+            f"(see {tag_dir / TRAINER_STATE}); the checkpoint is incomplete: use an earlier tag"
+        )
+    return Layout(tp, pp, world_size // (tp * pp), parallel["zero_stage"])
 
 
 def latest_tag(root: Path) -> str | None:
@@ -73,13 +133,14 @@ def save_checkpoint(
 ) -> str:
     """Save on every rank (collective), then move ``latest`` to the new tag; returns the tag."""
     tag = f"step_{state.step:08d}"
-    engine.engine.save_checkpoint(str(root), tag=tag, client_state={"step": state.step}, save_latest=False)
+    client_state = {"step": state.step, OPTIMIZER_PARAM_NAMES: _optimizer_param_names(engine)}
+    engine.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     tag_dir = root / tag
-    (tag_dir / "extras").mkdir(parents=True, exist_ok=True)
+    (tag_dir / EXTRAS_DIR).mkdir(parents=True, exist_ok=True)
     extras = {"rng": _rng_state(), "loader": loader.state_dict()}
     if engine.ema is not None:
         extras["ema"] = engine.ema.state_dict()
-    _atomic_torch_save(extras, tag_dir / "extras" / f"rank_{ctx.rank:05d}.pt")
+    _atomic_torch_save(extras, extras_file(tag_dir, ctx.rank))
     if ctx.is_main:
         record = {**dataclasses.asdict(state), "config": config_to_dict(cfg)}
         _atomic_write_text(tag_dir / TRAINER_STATE, json.dumps(record, indent=2) + "\n")
@@ -91,30 +152,79 @@ def save_checkpoint(
 
 
 def load_checkpoint(engine: TrainEngine, loader: PackedLoader, ctx: ParallelContext, root: Path) -> TrainerState | None:
-    """Restore model, optimizer, loader and RNGs from the tag ``latest`` names; None when there is none."""
+    """Restore model, optimizer, EMA, loader and RNGs from the tag ``latest`` names; None when there is none.
+
+    A tag saved at this run's layout is loaded directly; one saved at another layout (same
+    dp) from its universal form, which ``python -m modus_mega.convert universal`` writes.
+    Raises ``ValueError`` naming both layouts when dp differs or the universal form is missing.
+    """
     tag = latest_tag(root)
     if tag is None:
         return None
     tag_dir = root / tag
-    load_path, _ = engine.engine.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False)
-    if load_path is None:
-        raise ValueError(f"DeepSpeed found no checkpoint in {tag_dir} although {root / LATEST} names it; "
-                         f"delete {root / LATEST} to start over or point it at a complete tag")  # fmt: skip
-    record = json.loads((tag_dir / TRAINER_STATE).read_text())
-    extras_path = tag_dir / "extras" / f"rank_{ctx.rank:05d}.pt"
-    if not extras_path.is_file():
-        raise ValueError(
-            f"{extras_path} is missing: {tag_dir} was saved with fewer ranks than this run has "
-            f"({ctx.world_size}); resume with the saved layout (see {tag_dir / TRAINER_STATE})"
-        )
-    extras = torch.load(extras_path, weights_only=True)
+    saved = saved_layout(tag_dir)
+    current = Layout(ctx.tp, ctx.pp, ctx.dp, engine.engine.zero_optimization_stage())
+    if saved == current:
+        extras = _load_same_layout(engine, root, tag, ctx.rank)
+    else:
+        extras = _load_other_layout(engine, tag_dir, saved, current, ctx)
     loader.load_state_dict(extras["loader"])
     _set_rng_state(extras["rng"])
+    record = json.loads((tag_dir / TRAINER_STATE).read_text())
+    return TrainerState(**{f.name: record[f.name] for f in dataclasses.fields(TrainerState)})
+
+
+def _load_same_layout(engine: TrainEngine, root: Path, tag: str, rank: int) -> dict[str, Any]:
+    """DeepSpeed's own files and this rank's EMA; returns this rank's extras."""
+    load_path, _ = engine.engine.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise ValueError(f"DeepSpeed found no checkpoint in {root / tag} although {root / LATEST} names it; "
+                         f"delete {root / LATEST} to start over or point it at a complete tag")  # fmt: skip
+    extras = _read_extras(extras_file(root / tag, rank))
     if engine.ema is not None and "ema" in extras:
         engine.ema.load_state_dict(extras["ema"])
     elif engine.ema is not None:
         engine.ema.reset()  # saved without EMA: the average starts at the restored weights
-    return TrainerState(**{f.name: record[f.name] for f in dataclasses.fields(TrainerState)})
+    return extras
+
+
+def _load_other_layout(
+    engine: TrainEngine, tag_dir: Path, saved: Layout, current: Layout, ctx: ParallelContext
+) -> dict[str, Any]:
+    """The tag's universal form (weights, Adam state, EMA); returns the extras of the saved rank with this dp rank."""
+    if saved.dp != current.dp:
+        raise ValueError(
+            f"{tag_dir} was saved at {saved}, this run has {current}: resuming at another data-parallel degree "
+            f"is refused because each dp rank reads its own part of the data (its shard readers and packer "
+            f"state), so the data of the next steps would not be the uninterrupted run's; relaunch with "
+            f"dp={saved.dp} (world size = tp * pp * {saved.dp}); tp, pp and the ZeRO stage may change"
+        )
+    universal = tag_dir / UNIVERSAL_DIR
+    if not universal.is_dir():
+        raise ValueError(
+            f"{tag_dir} was saved at {saved}, but this run has {current}: another layout resumes from the "
+            f"tag's universal form, which is missing; write it with\n"
+            f"    python -m modus_mega.convert universal {tag_dir}\n"
+            f"and relaunch (or resume at the saved layout)"
+        )
+    # Local import: convert.universal reads tags through convert.deepspeed_run, which imports this module.
+    from modus_mega.convert.universal import load_universal
+
+    load_universal(engine, universal, ctx)
+    # Every tp and pp rank of a dp rank reads the same data: any of the saved ones carries its position.
+    return _read_extras(extras_file(tag_dir, saved.rank(tp_rank=0, dp_rank=ctx.dp_rank, pp_rank=0)))
+
+
+def _read_extras(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the checkpoint is incomplete (a rank did not save); use an earlier tag")
+    return torch.load(path, weights_only=True)
+
+
+def _optimizer_param_names(engine: TrainEngine) -> list[str]:
+    """Global names of the parameters the optimizer updates, in its order (``training/engine.py`` builds it so)."""
+    rename = global_parameter_name if engine.pipeline is not None else str
+    return [rename(name) for name, param in engine.model.named_parameters() if param.requires_grad]
 
 
 class PreemptionSignal:

@@ -24,7 +24,7 @@ def test_help_lists_every_command(capsys) -> None:
         main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for command in ("from-bagel", "to-bagel", "to-hf", "from-hf"):
+    for command in ("from-bagel", "to-bagel", "to-hf", "from-hf", "universal"):
         assert command in text
 
 
