@@ -202,6 +202,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel degree; must divide num_layers
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3); 2 and 3 only with pp = 1
     tp_backend: Literal["local", "te"] = "local"  # TP layers: Megatron-core ("local") or Transformer Engine (GPU)
+    sequence_parallel: bool = False  # tp > 1: also split the residual stream (norms, residual adds) along tokens over tp
     collective_timeout_s: int = 600  # a collective waiting longer than this ends the job (dead rank)
     recompute: Literal["none", "full"] = "none"  # activation recomputation: "full" keeps each layer's input only and reruns the layer in backward
     recompute_layers: int = 0  # with recompute=full: the first N decoder layers are recomputed (0 = all); ViT layers always all
@@ -234,18 +235,19 @@ class ModusConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ModusConfig:
-    """Read ``path`` (JSON), apply ``a.b=c`` overrides, validate, and return the tree."""
+    """Read ``path`` (JSON) over its bases, apply ``a.b=c`` overrides, validate, and return the tree.
+
+    A file may start from another with ``"base": "tiny.json"`` (a path relative to the
+    file): its values are merged over the base's, objects key by key, anything else
+    (numbers, strings, lists, null) replaced whole. Bases chain; overrides apply last.
+    """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist; pass --config with a path such as configs/tiny.json")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"config file {path} is not valid JSON: {e}")
+    raw, files = _read_with_bases(path, referrers=())
     for item in overrides:
         _apply_override(raw, item, path)
-    config = _build(ModusConfig, raw, source=str(path), prefix="")
-    validate(config, source=str(path))
+    source = str(path) if len(files) == 1 else f"{path} (bases: {', '.join(map(str, files[1:]))})"
+    config = _build(ModusConfig, raw, source=source, prefix="")
+    validate(config, source=source)
     return config
 
 
@@ -267,6 +269,52 @@ def save_config(config: ModusConfig, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     tmp.replace(path)
+
+
+def _read_json(path: Path, referrer: Path | None) -> dict[str, Any]:
+    """The JSON object in ``path``; ``referrer`` is the file naming it as its base, if any."""
+    if referrer is None:
+        what, fix = f"config file {path}", "pass --config with a path such as configs/tiny.json"
+    else:
+        what, fix = f"config file {path} (the base of {referrer})", "fix the base path, which is relative to the file naming it"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} does not exist; {fix}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON: {e}")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _read_with_bases(path: Path, referrers: tuple[Path, ...]) -> tuple[dict[str, Any], list[Path]]:
+    """``path``'s values merged over its base chain's, and the files read (``path`` first)."""
+    raw = _read_json(path, referrers[-1] if referrers else None)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw, [path]
+    if not isinstance(base, str):
+        raise ValueError(f"config file {path}: base = {base!r} must be a path relative to the file, e.g. \"tiny.json\"")
+    chain = (*referrers, path)
+    base_path = path.parent / base
+    if base_path.resolve() in {p.resolve() for p in chain}:
+        cycle = " -> ".join(map(str, (*chain, base_path)))
+        raise ValueError(f"config file {path}: base {base!r} closes a cycle ({cycle}); remove one of these base keys")
+    base_raw, base_files = _read_with_bases(base_path, chain)
+    return _merge(base_raw, raw), [path, *base_files]
+
+
+def _merge(base: Any, over: Any) -> Any:
+    """``over`` on top of ``base``: objects merge key by key, any other value replaces.
+
+    A merged object lists the base's other keys first, then ``over``'s in ``over``'s order:
+    the order of a map such as ``data.target_weights`` is the order its targets are drawn in.
+    """
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return over
+    kept = {key: value for key, value in base.items() if key not in over}
+    return {**kept, **{key: _merge(base.get(key), value) for key, value in over.items()}}
 
 
 def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
@@ -380,6 +428,11 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
             "parallel.zero_stage",
             f"ZeRO-{par.zero_stage} cannot be combined with pipeline parallelism (pp={par.pp}): DeepSpeed's "
             "pipeline engine supports ZeRO 0 and 1 only. Use zero_stage 1 with pp > 1, or pp = 1 for ZeRO 2/3.",
+        )
+    if par.sequence_parallel and par.tp == 1:
+        fail(
+            "parallel.sequence_parallel",
+            "splits the residual stream over the tensor-parallel ranks and needs tp > 1; set it false or raise parallel.tp",
         )
     from modus_mega.modalities import MODALITY_NAMES  # local import: modalities imports nothing from here
 

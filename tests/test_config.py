@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modus_mega.config import config_to_dict, load_config
+from modus_mega.config import config_from_dict, config_to_dict, load_config, save_config
 from modus_mega.model.params import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,3 +94,71 @@ def test_round_trip_through_saved_dict(tmp_path: Path) -> None:
     cfg = load_config(REPO / "configs" / "tiny.json")
     again = load_config(write(tmp_path, config_to_dict(cfg)))
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_base_chain_merges_objects_and_replaces_the_rest(tmp_path: Path) -> None:
+    """c.json -> sub/b.json -> ../a.json: each file's values over its base's, overrides last."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.json").write_text(json.dumps(tiny_raw()))
+    (tmp_path / "sub" / "b.json").write_text(json.dumps({
+        "base": "../a.json",
+        "parallel": {"tp": 2},
+        "data": {"target_weights": {"depth": 1.0, "rgb": 3.0}},
+        "training": {"optim": {"betas": [0.8]}, "steps": 5},
+    }))  # fmt: skip
+    (tmp_path / "sub" / "c.json").write_text(json.dumps({"base": "b.json", "training": {"steps": 7, "seed": 4}}))
+    cfg = load_config(tmp_path / "sub" / "c.json", ["training.steps=9"])
+
+    expected = tiny_raw()  # the same run written out in full by hand
+    expected["parallel"]["tp"] = 2
+    expected["data"]["target_weights"] = {"caption": 1.0, "depth": 1.0, "rgb": 3.0}
+    expected["training"].update(steps=9, seed=4)
+    expected["training"]["optim"]["betas"] = [0.8]  # lists are replaced, not merged
+    assert config_to_dict(cfg) == config_to_dict(config_from_dict(expected))
+    assert list(cfg.data.target_weights) == ["caption", "depth", "rgb"]  # base's other keys, then the file's
+
+
+def test_tiny_shards_resolves_to_its_full_form() -> None:
+    """configs/tiny_shards.json = tiny.json + its data section, with the target order it always had."""
+    raw = tiny_raw()
+    raw["data"].update(source="shards", shards="runs/demo/data", text_tokenizer="runs/demo/text_tokenizer",
+                       vq_dir="runs/demo/vq", num_workers=1, max_conditions=3)  # fmt: skip
+    raw["data"]["target_weights"] = {
+        name: 1.0
+        for name in ["rgb", "depth", "normal", "seg", "sam_seg", "canny", "sam_edge", "caption", "detection", "grounding",
+                     "dinov2_global", "dinov2_local", "clip_global", "imagebind_global", "imagebind_local"]
+    }  # fmt: skip
+    raw["training"]["run_dir"] = "runs/demo"
+    resolved = config_to_dict(load_config(REPO / "configs" / "tiny_shards.json"))
+    assert json.dumps(resolved) == json.dumps(config_to_dict(config_from_dict(raw)))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.json")))
+def test_saved_config_stands_alone(tmp_path: Path, name: str) -> None:
+    """What a run saves (save_config) is the resolved tree: no base left, and it loads to the same config."""
+    cfg = load_config(REPO / "configs" / name)
+    save_config(cfg, tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "base" not in saved
+    assert config_to_dict(load_config(tmp_path / "config.json")) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"run.json": {"base": "nope.json"}}, "nope.json (the base of {tmp}/run.json) does not exist"),
+        ({"run.json": {"base": "run.json"}}, "closes a cycle ({tmp}/run.json -> {tmp}/run.json)"),
+        ({"run.json": {"base": "sub/a.json"}, "sub/a.json": {"base": "../run.json"}},
+         "closes a cycle ({tmp}/run.json -> {tmp}/sub/a.json -> {tmp}/sub/../run.json)"),
+        ({"run.json": {"base": ["a.json"]}}, "base = ['a.json'] must be a path relative to the file"),
+        ({"run.json": {"base": "a.json"}, "a.json": [1]}, "a.json (the base of {tmp}/run.json) must hold a JSON object"),
+        ({"run.json": {"base": "a.json", "trainig": {}}, "a.json": {}}, "{tmp}/run.json (bases: {tmp}/a.json): unknown key 'trainig'"),
+    ],
+)  # fmt: skip
+def test_base_errors_name_the_files(tmp_path: Path, files: dict, message: str) -> None:
+    for name, raw in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(raw))
+    with pytest.raises(ValueError) as info:
+        load_config(tmp_path / "run.json")
+    assert message.format(tmp=tmp_path) in str(info.value)

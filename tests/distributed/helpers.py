@@ -4,29 +4,43 @@
 the environment a launcher would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT) and one intra-op thread; ``fn(*args)`` runs in each. An exception in any
 rank fails the calling test with that rank's traceback.
+
+The rendezvous store is served by the calling process (``rendezvous_store``), as
+torchrun's agent does: it listens on a port the kernel picked and holds from the start,
+and every rank, rank 0 included, connects to it as a client. Picking a free port and
+letting rank 0 bind it later raced with other tests doing the same at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def rendezvous_store() -> Iterator[dict[str, str]]:
+    """Serve a c10d TCPStore while the block runs; yield the environment its ranks need.
+
+    ``TORCHELASTIC_USE_AGENT_STORE=True`` makes ``env://`` rendezvous connect every rank
+    to MASTER_ADDR:MASTER_PORT as a client (torch/distributed/rendezvous.py,
+    ``_create_c10d_store``) instead of rank 0 serving it. The deepspeed launcher passes
+    the environment on, so its ranks use the store too (with ``--master_port`` = MASTER_PORT).
+    As under torchrun, every process-group init in the block shares this one store.
+    """
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # port 0: the kernel picks one
+    yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    # ``store`` stays referenced until here, so it serves until the block ends
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _entry(rank: int, world_size: int, store_env: dict[str, str], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        OMP_NUM_THREADS="1", **store_env,
     )  # fmt: skip
     torch.set_num_threads(1)
     fn(*args)
@@ -34,4 +48,5 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
     """Run ``fn(*args)`` on ``world_size`` spawned ranks; raise if any rank raised."""
-    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    with rendezvous_store() as store_env:
+        mp.spawn(_entry, args=(world_size, store_env, fn, args), nprocs=world_size, join=True)
