@@ -6,6 +6,8 @@ predict a 1D token, N_mse noisy 2D tokens, P = latent_patch_size^2 * latent_chan
 The forward is split into ``embed`` -> ``layers`` -> ``heads`` so a pipeline can cut it
 between stages; ``build_context`` computes the per-micro-batch routing, RoPE tables and
 attention metadata once from integer metadata that travels with the hidden states.
+Between ``embed`` and ``heads`` each rank holds its rows of the residual stream
+(``Collectives.scatter`` / ``gather``: all of them, or its share under sequence parallelism).
 Parameter names follow BAGEL's (``modus_mega/convert`` holds the key map).
 """
 
@@ -33,6 +35,7 @@ class ModusModel(nn.Module):
         llm = cfg.llm
         d = llm.hidden_size
         self.vocab = build_vocabulary(cfg.vocab)
+        self.collectives = linears.collectives
 
         self.embed_tokens = linears.embedding(self.vocab.padded_size, d)
         self.layers = nn.ModuleList(MoTLayer(llm, linears) for _ in range(llm.num_layers))
@@ -58,7 +61,7 @@ class ModusModel(nn.Module):
             attention = get_attention_backend(self.cfg.attention_backend, inputs.attn_lo.device)
         return LayerContext.build(
             self.cfg.llm, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi,
-            self.embed_tokens.weight.dtype, attention,
+            self.embed_tokens.weight.dtype, attention, self.collectives,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ stages
@@ -88,10 +91,11 @@ class ModusModel(nn.Module):
         return rows[order]
 
     def decode(self, hidden: Tensor, ctx: LayerContext) -> Tensor:
-        """Run every decoder layer: [T, D] -> [T, D]."""
+        """Run every decoder layer: [T, D] -> [T, D], on this rank's rows [R, D] in between."""
+        rows = self.collectives.scatter(hidden)
         for layer in self.layers:
-            hidden = layer(hidden, ctx)
-        return hidden
+            rows = layer(rows, ctx)
+        return self.collectives.gather(rows, hidden.shape[0])
 
     def heads(self, hidden: Tensor, ce_index: Tensor, mse_index: Tensor) -> tuple[Tensor, Tensor]:
         """Logits [N_ce, V] at positions that predict a 1D token, velocities [N_mse, P] at noisy 2D tokens.
@@ -99,7 +103,7 @@ class ModusModel(nn.Module):
         ``ce_index`` positions are 1D-expert tokens and ``mse_index`` positions 2D-expert
         tokens (the document builder guarantees it), so each gets its own expert's final norm.
         """
-        logits = self.lm_head(self.final_norms[EXPERT_1D](hidden.index_select(0, ce_index)))
+        logits = self.lm_head(self.collectives.copy(self.final_norms[EXPERT_1D](hidden.index_select(0, ce_index))))
         velocity = self.llm2vae(self.final_norms[EXPERT_2D](hidden.index_select(0, mse_index)))
         return logits, velocity
 

@@ -1,11 +1,19 @@
 """The mixture-of-transformers decoder layer: two experts, one shared attention.
 
 Shape legend: T tokens in the packed micro-batch, T_e tokens routed to expert e,
-D model width, Hq / Hkv local query / key-value heads (divided by tp), Dh head_dim.
+R rows of the residual stream this rank holds (T; under sequence parallelism T padded to
+a multiple of tp, divided by tp), R_e those of expert e, D model width, Hq / Hkv local
+query / key-value heads (divided by tp), Dh head_dim.
 
 Each token is routed by its expert index (0: the 1D expert, BAGEL's "und" weights;
 1: the 2D expert, BAGEL's ``*_moe_gen`` weights). Both experts' q/k/v meet in ONE
 attention over the whole packed sequence, then each expert finishes its own tokens.
+
+Each block (attention, MLP) normalises this rank's rows per expert, hands them to
+``Collectives.project`` which runs the experts' column-parallel linears over all of
+their tokens, and sums the experts' row-parallel outputs, merged back into sequence
+order, with one ``Collectives.reduce``: serial, nothing; tensor parallel, one all-reduce;
+sequence parallel, an all-gather before and a reduce-scatter after (``modus_mega/parallel``).
 """
 
 from __future__ import annotations
@@ -18,11 +26,41 @@ from torch import Tensor, nn
 
 from modus_mega.config import LLMConfig
 from modus_mega.model.inputs import expert_ids_of
-from modus_mega.model.layers import LinearFactory, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
+from modus_mega.model.layers import SERIAL_COLLECTIVES, Collectives, LinearFactory, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 from modus_mega.ops.attention import AttentionBackend
 
 NUM_EXPERTS = 2
 EXPERT_1D, EXPERT_2D = 0, 1
+
+
+@dataclass
+class ShardRows:
+    """The rows of the residual stream one rank holds, and their routing.
+
+    Without sequence parallelism that is the whole sequence. With it, T is padded to
+    ``num_shards * size`` and rank r holds rows [r * size, (r + 1) * size): a contiguous run
+    of the sequence; rows at or past T are padding, which no expert sees.
+    """
+
+    start: int  # position of the first row in the sequence
+    size: int  # R
+    expert_index: list[Tensor]  # per expert: LongTensor [R_e] of its rows' offsets from ``start``, ascending
+    unpermute: Tensor  # LongTensor [R]: cat(per-expert rows, padding rows)[unpermute] restores row order
+
+    @property
+    def num_padding(self) -> int:
+        """Padding rows among this rank's rows."""
+        return self.size - sum(index.numel() for index in self.expert_index)
+
+    @staticmethod
+    def of(expert_ids: Tensor, num_shards: int, shard: int) -> "ShardRows":
+        """Rank ``shard``'s rows of a sequence with expert ids [T], split into ``num_shards`` equal runs."""
+        size = -(-expert_ids.numel() // num_shards)
+        start = shard * size
+        ids = expert_ids[start : start + size]  # shorter than ``size`` where the run ends in padding
+        index, _ = LayerContext.route(ids)
+        padding = torch.arange(ids.numel(), size, device=ids.device)
+        return ShardRows(start, size, index, torch.argsort(torch.cat([*index, padding])))
 
 
 @dataclass
@@ -35,6 +73,11 @@ class LayerContext:
     sin: Tensor  # [T, Dh]
     attention: AttentionBackend
     attention_mask: Any  # what attention.prepare(lo, hi) returned
+    shard: ShardRows | None = None  # this rank's rows of the residual stream; None: the whole sequence
+
+    def __post_init__(self) -> None:
+        if self.shard is None:
+            self.shard = ShardRows(0, self.unpermute.numel(), self.expert_index, self.unpermute)
 
     @staticmethod
     def route(expert_ids: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -52,14 +95,18 @@ class LayerContext:
         attn_hi: Tensor,
         dtype: torch.dtype,
         attention: AttentionBackend,
+        collectives: Collectives = SERIAL_COLLECTIVES,
     ) -> "LayerContext":
         """The context of one micro-batch from its integer metadata (all [T]); RoPE tables in ``dtype``.
 
         Only integer tensors are needed, so a pipeline stage rebuilds it from what travels
-        with the hidden states.
+        with the hidden states. ``collectives`` says which rows of the residual stream this
+        rank holds.
         """
-        expert_index, unpermute = LayerContext.route(expert_ids_of(token_type))
+        expert_ids = expert_ids_of(token_type)
+        expert_index, unpermute = LayerContext.route(expert_ids)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype)
+        num_shards = collectives.num_shards
         return LayerContext(
             expert_index=expert_index,
             unpermute=unpermute,
@@ -67,6 +114,7 @@ class LayerContext:
             sin=sin,
             attention=attention,
             attention_mask=attention.prepare(attn_lo, attn_hi),
+            shard=ShardRows.of(expert_ids, num_shards, collectives.shard) if num_shards > 1 else None,
         )
 
 
@@ -93,6 +141,7 @@ class MoTLayer(nn.Module):
     def __init__(self, cfg: LLMConfig, linears: LinearFactory) -> None:
         super().__init__()
         self.experts = nn.ModuleList(MoTExpert(cfg, linears) for _ in range(NUM_EXPERTS))
+        self.collectives = linears.collectives
         self.num_heads = cfg.num_heads // linears.tp_size
         self.num_kv_heads = max(1, cfg.num_kv_heads // linears.tp_size)
         self.head_dim = cfg.head_dim
@@ -100,19 +149,33 @@ class MoTLayer(nn.Module):
         self.detach_1d_qkv = cfg.freeze_1d_expert
 
     def forward(self, x: Tensor, ctx: LayerContext) -> Tensor:
-        """x [T, D] -> [T, D]."""
+        """x [R, D] -> [R, D]: this rank's rows of the residual stream (``ctx.shard``)."""
+        x = x + self._attention(self._norm(x, ctx, "input_layernorm"), ctx)
+        return x + self._mlp(self._norm(x, ctx, "post_attention_layernorm"), ctx)
+
+    def _norm(self, x: Tensor, ctx: LayerContext, name: str) -> list[Tensor]:
+        """Per expert: its rows of x [R_e, D] through its own norm ``name``."""
+        return [getattr(expert, name)(x.index_select(0, index)) for expert, index in zip(self.experts, ctx.shard.expert_index)]
+
+    def _qkv(self, tokens: list[Tensor]) -> list[Tensor]:
+        """[q, k, v] of expert 0 then of expert 1 ([T_e, local features]), from each expert's normed tokens."""
+        return [
+            proj(h) for expert, h in zip(self.experts, tokens) for proj in (expert.q_proj, expert.k_proj, expert.v_proj)
+        ]  # fmt: skip
+
+    def _attention(self, rows: list[Tensor], ctx: LayerContext) -> Tensor:
+        """The attention block's output [R, D] for this rank's rows, from each expert's normed rows."""
         dh = self.head_dim
-        residuals, qs, ks, vs = [], [], [], []
-        for e, (expert, index) in enumerate(zip(self.experts, ctx.expert_index)):
-            x_e = x.index_select(0, index)  # [T_e, D]
-            h = expert.input_layernorm(x_e)
-            q = expert.q_norm(expert.q_proj(h).view(-1, self.num_heads, dh))  # [T_e, Hq, Dh]
-            k = expert.k_norm(expert.k_proj(h).view(-1, self.num_kv_heads, dh))  # [T_e, Hkv, Dh]
-            v = expert.v_proj(h).view(-1, self.num_kv_heads, dh)
+        projected = self.collectives.project(rows, ctx, self._qkv)
+        qs, ks, vs = [], [], []
+        for e, expert in enumerate(self.experts):
+            q, k, v = projected[3 * e : 3 * e + 3]
+            q = expert.q_norm(q.view(-1, self.num_heads, dh))  # [T_e, Hq, Dh]
+            k = expert.k_norm(k.view(-1, self.num_kv_heads, dh))  # [T_e, Hkv, Dh]
+            v = v.view(-1, self.num_kv_heads, dh)
             if e == EXPERT_1D and self.detach_1d_qkv:
                 # BAGEL's freeze_und: no gradient reaches 2D weights of earlier layers through 1D tokens.
                 q, k, v = q.detach(), k.detach(), v.detach()
-            residuals.append(x_e)
             qs.append(q)
             ks.append(k)
             vs.append(v)
@@ -121,9 +184,10 @@ class MoTLayer(nn.Module):
         v = torch.cat(vs)[ctx.unpermute]
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         attn = ctx.attention.forward(q, k, v, ctx.attention_mask, self.scale).flatten(1)  # [T, Hq*Dh]
+        outs = [expert.o_proj(attn.index_select(0, index)) for expert, index in zip(self.experts, ctx.expert_index)]
+        return self.collectives.reduce(torch.cat(outs)[ctx.unpermute], ctx)  # [T, D] partial sums -> [R, D]
 
-        outs = []
-        for expert, index, x_e in zip(self.experts, ctx.expert_index, residuals):
-            h = x_e + expert.o_proj(attn.index_select(0, index))
-            outs.append(h + expert.mlp(expert.post_attention_layernorm(h)))
-        return torch.cat(outs)[ctx.unpermute]
+    def _mlp(self, rows: list[Tensor], ctx: LayerContext) -> Tensor:
+        """The MLP block's output [R, D] for this rank's rows, from each expert's normed rows."""
+        outs = self.collectives.project(rows, ctx, lambda tokens: [e.mlp(h) for e, h in zip(self.experts, tokens)])
+        return self.collectives.reduce(torch.cat(outs)[ctx.unpermute], ctx)

@@ -44,6 +44,7 @@ class ParallelContext:
     dp_group: dist.ProcessGroup
     device: torch.device  # where this rank computes
     backend: str  # "gloo" or "nccl"
+    sequence_parallel: bool = False  # parallel.sequence_parallel: the residual stream split along tokens over tp
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -97,6 +98,7 @@ class ParallelContext:
             dp_group=parallel_state.get_data_parallel_group(),
             device=device,
             backend=backend,
+            sequence_parallel=cfg.sequence_parallel,
         )
         assert (ctx.tp_rank, ctx.dp_rank, ctx.pp_rank) == (
             rank % ctx.tp,

@@ -4,9 +4,12 @@ Order of use (``training/engine.py`` follows it):
 
 1. ``build_linears(ctx)`` -> the ``LinearFactory`` the model is built with: q/k/v, gate/up
    and the LM head column-parallel (output features split), o and down row-parallel
-   (input features split, outputs all-reduced), the token embedding vocab-parallel.
-2. ``apply_tensor_parallel(model, ctx)`` -> fixes the few replicated weights that see
-   only this rank's heads (the per-head q/k RMSNorms): their gradients are summed over tp.
+   (input features split), the token embedding vocab-parallel, and the ``Collectives``
+   the model makes around them (``parallel/collectives.py``: the linears make none, so
+   each block makes one collective for both experts; with ``parallel.sequence_parallel``
+   the residual stream is also split along tokens).
+2. ``apply_tensor_parallel(model, ctx)`` -> fixes the few replicated weights whose
+   gradient on one rank is a partial sum: their gradients are summed over tp.
 3. ``init_weights(..., **init_hooks(ctx))`` -> every parameter drawn in full from its
    name's seed, then sliced, so the full weights equal the serial model's (STYLE 3).
 
@@ -37,8 +40,9 @@ from torch import Tensor, nn
 
 from modus_mega.config import LLMConfig
 from modus_mega.model.init import FullShapeFn, ShardFn
-from modus_mega.model.layers import SERIAL_LINEARS, LinearFactory
+from modus_mega.model.layers import SERIAL_LINEARS, Collectives, LinearFactory
 from modus_mega.model.mot import MoTExpert
+from modus_mega.parallel.collectives import SequenceParallelCollectives, TensorParallelCollectives
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.training.losses import CrossEntropyFn, serial_cross_entropy
 
@@ -48,14 +52,18 @@ def _no_init(weight: Tensor) -> None:
 
 
 class TensorParallelColumnLinear(ColumnParallelLinear):
-    """Column-parallel linear: x [T, D_in] (replicated) -> y [T, D_out / tp] (this rank's slice)."""
+    """Column-parallel linear: x [T, D_in] (replicated) -> y [T, D_out / tp] (this rank's slice).
+
+    Makes no collective: the input gradient it returns is this rank's partial sum, which the
+    model's ``Collectives`` sum over tp (``disable_grad_reduce``).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, config: ModelParallelConfig, ctx: ParallelContext) -> None:
         if out_features % ctx.tp:
             raise ValueError(f"a column-parallel linear of {out_features} outputs cannot be split over tp={ctx.tp}")
         super().__init__(
             in_features, out_features, config=config, init_method=_no_init, bias=bias,
-            gather_output=False, skip_bias_add=False, tp_group=ctx.tp_group,
+            gather_output=False, skip_bias_add=False, tp_group=ctx.tp_group, disable_grad_reduce=True,
         )  # fmt: skip
         set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
@@ -65,20 +73,28 @@ class TensorParallelColumnLinear(ColumnParallelLinear):
 
 
 class TensorParallelRowLinear(RowParallelLinear):
-    """Row-parallel linear: x [T, D_in / tp] (this rank's slice) -> y [T, D_out] (all-reduced)."""
+    """Row-parallel linear: x [T, D_in / tp] (this rank's slice) -> y [T, D_out], this rank's partial sum.
+
+    Makes no collective (Megatron's expert mode: the caller communicates); the model's
+    ``Collectives`` sum the partial outputs over tp. The bias is added on tp rank 0 only, so the
+    sum counts it once; its gradient is summed over tp by ``apply_tensor_parallel``.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, config: ModelParallelConfig, ctx: ParallelContext) -> None:
         if in_features % ctx.tp:
             raise ValueError(f"a row-parallel linear of {in_features} inputs cannot be split over tp={ctx.tp}")
         super().__init__(
             in_features, out_features, config=config, init_method=_no_init, bias=bias,
-            input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group,
+            input_is_parallel=True, skip_bias_add=True, is_expert=True, tp_group=ctx.tp_group,
         )  # fmt: skip
         set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
+        self.bias_share = 1.0 if ctx.tp_rank == 0 else 0.0  # of the bias this rank adds
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        y, _ = super().forward(x.unsqueeze(1))
-        return y.squeeze(1)
+        y, bias = super().forward(x.unsqueeze(1))
+        y = y.squeeze(1)
+        # Every rank uses the bias (times 0 or 1) so every rank's gradient hook runs its collective.
+        return y if bias is None else y + self.bias_share * bias
 
 
 class TensorParallelEmbedding(VocabParallelEmbedding):
@@ -95,7 +111,10 @@ class TensorParallelEmbedding(VocabParallelEmbedding):
 
 
 def megatron_config(ctx: ParallelContext) -> ModelParallelConfig:
-    """Megatron's layer config for this layout: CPU allocation, no Megatron-side init, no fusions."""
+    """Megatron's layer config for this layout: CPU allocation, no Megatron-side init, no fusions.
+
+    ``sequence_parallel`` stays off: the layers make no collective, our ``Collectives`` do.
+    """
     return ModelParallelConfig(
         tensor_model_parallel_size=ctx.tp,
         pipeline_model_parallel_size=ctx.pp,
@@ -127,26 +146,49 @@ def build_linears(ctx: ParallelContext, llm: LLMConfig) -> LinearFactory:
         row=partial(TensorParallelRowLinear, config=config, ctx=ctx),
         embedding=partial(TensorParallelEmbedding, config=config, ctx=ctx),
         tp_size=ctx.tp,
+        collectives=build_collectives(ctx),
     )
 
 
-def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext) -> None:
-    """Make replicated weights that see only this rank's heads receive the full gradient.
+def build_collectives(ctx: ParallelContext) -> Collectives:
+    """The collectives the model makes around this layout's parallel linears (tp > 1)."""
+    return SequenceParallelCollectives(ctx) if ctx.sequence_parallel else TensorParallelCollectives(ctx.tp_group)
 
-    The q/k RMSNorm weights [Dh] are shared by all heads, but each rank normalises only its
-    own heads, so its gradient is a partial sum; a hook sums it over tp before accumulation
-    (what Megatron does for qk-layernorm weights). Every other replicated weight already
-    gets the full gradient: its output feeds a column-parallel linear, whose backward
-    all-reduces the input gradient.
+
+def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext) -> None:
+    """Make replicated weights whose gradient on one rank is a partial sum receive the full gradient.
+
+    A hook on each sums its gradient over tp as autograd produces it, before it is
+    accumulated (what Megatron does for qk-layernorm weights and, at the end of the step,
+    for weights marked ``sequence_parallel``); see ``_partial_gradient_params`` for which.
+    Every other replicated weight already gets the full gradient: the collective that feeds
+    its output to column-parallel linears (``Collectives.project`` / ``copy``) sums their
+    input gradients.
+
+    Correct under gradient accumulation and every ZeRO stage: the sum is linear, so summing
+    each micro-batch's contribution equals summing the accumulated gradient, and DeepSpeed's
+    own gradient hooks (reduction over dp, partitioning) run after accumulation, so they see
+    the summed gradient. The tp ranks run the same backward graph, so their hooks issue the
+    collectives in the same order.
     """
     if ctx.tp == 1:
         return
     for module in model.modules():
         if isinstance(module, MoTExpert):
-            for norm in (module.q_norm, module.k_norm):
-                for param in norm.parameters():
-                    if param.requires_grad:
-                        param.register_hook(partial(_sum_over_tp, group=ctx.tp_group))
+            for param in _partial_gradient_params(module, ctx.sequence_parallel):
+                if param.requires_grad:
+                    param.register_hook(partial(_sum_over_tp, group=ctx.tp_group))
+
+
+def _partial_gradient_params(expert: MoTExpert, sequence_parallel: bool) -> list[nn.Parameter]:
+    """The replicated weights of ``expert`` whose gradient on one tp rank is a partial sum."""
+    norms = [expert.q_norm, expert.k_norm]  # shared by all heads; each rank normalises its own heads
+    if sequence_parallel:
+        norms += [expert.input_layernorm, expert.post_attention_layernorm]  # see this rank's rows only
+    params = [p for norm in norms for p in norm.parameters()]
+    if expert.o_proj.bias is not None:
+        params.append(expert.o_proj.bias)  # added on tp rank 0 only (TensorParallelRowLinear)
+    return params
 
 
 def _sum_over_tp(grad: Tensor, group: dist.ProcessGroup) -> Tensor:
