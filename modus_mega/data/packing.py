@@ -22,6 +22,8 @@ from modus_mega.encoders.vit import patchify_image, vit_position_ids
 from modus_mega.model.inputs import TOKEN_TEXT
 from modus_mega.ops.mask import lo_hi_for_layout, padding_lo_hi
 
+TOO_LONG = "longer_than_token_budget"  # the packer's one reason to drop a document (a log field name)
+
 
 @dataclass
 class PackedBatch:
@@ -98,7 +100,7 @@ class Packer:
     def push(self, doc: Document) -> Iterator[PackedBatch]:
         """Add one document; yield the micro-batches that are now complete (zero or more)."""
         if len(doc) > self.token_budget:
-            self.dropped["longer_than_token_budget"] += 1
+            self.dropped[TOO_LONG] += 1
             return
         self.pending.append(doc)
         while sum(len(d) for d in self.pending) >= self.lookahead * self.token_budget:

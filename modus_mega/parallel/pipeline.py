@@ -19,14 +19,17 @@ recompute patches -> each rank allocates its own stage's modules -> tensor-paral
 -> initialise by global name -> freeze; ``training/engine.py`` then calls
 ``deepspeed.initialize`` and wraps the engine in a ``PipelineRunner``.
 
-What crosses stages. Between stages a micro-batch is the tuple ``StageActivations``: the
-hidden states [T, D] (float, with gradient) and the per-token INTEGER metadata
+What crosses stages. Between stages a micro-batch is the tuple ``StageActivations``: this
+tp rank's rows of the hidden states [R, D] (float, with gradient; R = T, or with sequence
+parallelism T padded to a multiple of tp, over tp: each tp rank sends its own rows to its
+peer on the next stage, 1/tp of the bytes) and the per-token INTEGER metadata
 ``build_context`` needs (token_type, position_ids, attn_lo, attn_hi) plus ``target_roles``,
 a bit set per token (``ROLE_CE``, ``ROLE_MSE``) from which the last stage recovers the
 loss positions. DeepSpeed sends a gradient back for every float tensor of the tuple and
 waits for one, so a float tensor without gradient would hang the backward: nothing but
-the hidden states is float. Every tensor has T rows (the fixed token budget), so shapes
-are static and DeepSpeed sends their metadata once.
+the hidden states is float. Every shape follows from T (the fixed token budget), so shapes
+are static and DeepSpeed sends their metadata once. The first stage splits the embeddings
+into rows (``Collectives.scatter``), the last gathers them back for the heads.
 
 What does not cross stages. DeepSpeed loads each micro-batch on the first stage (model
 inputs: ids, ViT patches, noised 2D tokens, ...) and on the last stage (labels: CE labels,
@@ -63,6 +66,7 @@ from modus_mega.ops.attention import get_attention_backend
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.recompute import apply_activation_checkpointing
 from modus_mega.parallel.tensor_parallel import apply_tensor_parallel, cross_entropy_fn, init_hooks
+from modus_mega.training.failures import NonFiniteGuard
 from modus_mega.training.losses import CrossEntropyFn, LossBreakdown, modus_loss
 from modus_mega.training.prepare import StepInputs
 
@@ -80,9 +84,9 @@ NUM_LOSS_SUMS = 3 + 2 * NUM_MODALITIES
 
 
 class StageActivations(NamedTuple):
-    """What one stage sends the next for one micro-batch; all [T] but ``hidden`` [T, D]."""
+    """What one stage sends the next for one micro-batch; all [T] but ``hidden`` [R, D]."""
 
-    hidden: Tensor  # [T, D] float: the only tensor with a gradient
+    hidden: Tensor  # [R, D] float: this tp rank's rows of the residual stream, the only tensor with a gradient
     token_type: Tensor  # [T] long
     position_ids: Tensor  # [T] long
     attn_lo: Tensor  # [T] int32
@@ -169,13 +173,14 @@ class PipelineStage(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in indices})
         _materialize(self, device)
         self.attention = get_attention_backend(model.cfg.attention_backend, device)
+        self.collectives = model.collectives
 
     def forward(self, micro_batch: tuple[Tensor, ...]) -> StageActivations | tuple[Tensor, Tensor]:
         if self.is_first:
             inputs = StageInputs(*micro_batch)
             model_inputs = ModelInputs(**{k: v for k, v in inputs._asdict().items() if k != "target_roles"})
             # The model's own code: this stage holds its embedding modules under the same names.
-            hidden = ModusModel.embed(self, model_inputs)  # type: ignore[arg-type]
+            hidden = self.collectives.scatter(ModusModel.embed(self, model_inputs))  # type: ignore[arg-type]
             x = StageActivations(
                 hidden, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi, inputs.target_roles
             )
@@ -190,6 +195,7 @@ class PipelineStage(nn.Module):
         if self.is_last:
             ce_index = torch.nonzero(x.target_roles & ROLE_CE, as_tuple=True)[0]
             mse_index = torch.nonzero(x.target_roles & ROLE_MSE, as_tuple=True)[0]
+            hidden = self.collectives.gather(hidden, x.token_type.numel())
             return ModusModel.heads(self, hidden, ce_index, mse_index)  # type: ignore[arg-type]
         return x._replace(hidden=hidden)
 
@@ -199,8 +205,9 @@ class PipelineStage(nn.Module):
         RoPE tables take the hidden states' dtype (this stage may not hold the embedding).
         """
         return LayerContext.build(
-            self.llm_cfg, x.token_type, x.position_ids, x.attn_lo, x.attn_hi, x.hidden.dtype, self.attention
-        )
+            self.llm_cfg, x.token_type, x.position_ids, x.attn_lo, x.attn_hi, x.hidden.dtype, self.attention,
+            self.collectives,
+        )  # fmt: skip
 
 
 class PipelineLoss:
@@ -208,7 +215,8 @@ class PipelineLoss:
 
     Returns the loss times ``backward_scale`` (see the module docstring) and records each
     micro-batch's ``loss_sums`` for logging; ``begin_step`` sets the step's global target
-    counts and clears the record.
+    counts and clears the record. Each loss also passes the non-finite guard (set by
+    ``PipelineRunner``), as ``TrainEngine.backward``'s does at pp = 1.
     """
 
     def __init__(self, ce_weight: float, mse_weight: float, cross_entropy: CrossEntropyFn, backward_scale: float) -> None:
@@ -217,6 +225,7 @@ class PipelineLoss:
         self.backward_scale = backward_scale
         self.global_counts = (0, 0)  # (CE, MSE) target tokens of the whole global batch
         self.sums: list[Tensor] = []  # per micro-batch: loss_sums [NUM_LOSS_SUMS] float64, on the device
+        self.guard: NonFiniteGuard | None = None  # sees every micro-batch loss (training/failures.py)
 
     def begin_step(self, global_num_ce: int, global_num_mse: int) -> None:
         """Set the step's global target counts; forget the previous step's sums."""
@@ -231,6 +240,8 @@ class PipelineLoss:
             *self.global_counts, self.ce_weight, self.mse_weight, cross_entropy=self.cross_entropy,
         )  # fmt: skip
         self.sums.append(loss_sums(terms))
+        if self.guard is not None:
+            self.guard.observe_loss(terms.loss)
         return terms.loss * self.backward_scale
 
 
@@ -362,7 +373,9 @@ class PipelineRunner:
     """Runs one optimizer step of a pipeline-parallel run through DeepSpeed's ``train_batch``.
 
     ``own_clip``: the max gradient norm when we clip (fp32 without ZeRO; inf: measure
-    only), None when DeepSpeed clips and reports the norm.
+    only), None when DeepSpeed clips and reports the norm. ``guard`` sees the last stage's
+    losses; the gradient checks and the skip decision work from hooks (``training/failures.py``:
+    ``StepGate`` is a pre-step hook of the optimizer registered before the clipper's).
     """
 
     def __init__(
@@ -372,11 +385,13 @@ class PipelineRunner:
         ctx: ParallelContext,
         compute_dtype: torch.dtype,
         own_clip: float | None,
+        guard: NonFiniteGuard,
     ) -> None:
         self.engine = engine
         self.ctx = ctx
         self.compute_dtype = compute_dtype
         self.loss_fn: PipelineLoss = engine.module.loss_fn
+        self.loss_fn.guard = guard
         self.clipper: GradClipper | None = None
         if own_clip is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -38,8 +38,9 @@ from modus_mega.parallel.pipeline import ModusPipeline, PipelineRunner, build_pi
 from modus_mega.parallel.recompute import apply_activation_checkpointing
 from modus_mega.parallel.tensor_parallel import apply_tensor_parallel, build_linears, cross_entropy_fn, init_hooks
 from modus_mega.training.ema import EmaWeights
-from modus_mega.training.failures import NonFiniteGuard, SkippableAdamW, StepHealth
+from modus_mega.training.failures import NonFiniteGuard, SkippableAdamW, StepGate, StepHealth
 from modus_mega.training.losses import CrossEntropyFn
+from modus_mega.training.prepare import StepInputs
 
 
 def build_model(cfg: ModusConfig, ctx: ParallelContext) -> tuple[ModusModel, FluxAutoEncoder]:
@@ -89,8 +90,9 @@ def deepspeed_config(cfg: ModusConfig, ctx: ParallelContext) -> dict[str, Any]:
         "train_batch_size": accum * ctx.dp,
         "gradient_clipping": 0.0 if _clips_itself(cfg, ctx) else cfg.training.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        # Read by the pipeline engine only (pp > 1): each tp rank sends whole hidden states, since
-        # DeepSpeed's partitioned sends assume Megatron-GPT's activation tuple.
+        # Read by the pipeline engine only (pp > 1): each tp rank sends its own hidden states (the whole
+        # sequence, or its rows under sequence parallelism), since DeepSpeed's partitioned sends assume
+        # Megatron-GPT's activation tuple.
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
         "zero_allow_untested_optimizer": True,  # our torch.optim.AdamW
         "bf16": {"enabled": ctx.device.type == "cuda"},
@@ -116,8 +118,9 @@ class TrainEngine:
     backward_scale: float  # dp: undoes DeepSpeed's averaging over data-parallel ranks
     own_clip: float | None  # max grad norm when we clip (inf: measure only); None: DeepSpeed clips
     mpu: Any  # ParallelContext.deepspeed_mpu(): counts tp shards once in the norm
-    pipeline: PipelineRunner | None = None  # pp > 1: runs whole steps; forward / backward / step are unused
-    guard: NonFiniteGuard | None = None  # NaN/Inf loss or gradient: the step is skipped (training/failures.py)
+    guard: NonFiniteGuard  # sees every micro-batch loss and gradient contribution (training/failures.py)
+    gate: StepGate  # skips an optimizer step whose loss or gradient is non-finite on any rank
+    pipeline: PipelineRunner | None = None  # pp > 1: runs whole steps (train_batch); forward / backward / step unused
     ema: EmaWeights | None = None  # training.ema_decay > 0: averaged after every applied optimizer step
     last_health: StepHealth = field(default_factory=StepHealth, init=False)  # of the last optimizer step
     _grad_norm: float = field(default=math.nan, init=False)
@@ -136,8 +139,7 @@ class TrainEngine:
 
     def backward(self, loss: Tensor) -> None:
         """Accumulate this micro-batch's gradient (summed, not averaged, over micro-batches and dp)."""
-        if self.guard is not None:
-            self.guard.observe_loss(loss)
+        self.guard.observe_loss(loss)
         self.engine.backward(loss * self.backward_scale, scale_wrt_gas=False)
 
     def step(self) -> None:
@@ -148,16 +150,27 @@ class TrainEngine:
         where); an applied step updates the EMA.
         """
         boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary and self.guard is not None:
-            self.last_health = self.guard.verdict()
-            self.optimizer.skip_next_step = not self.last_health.ok
         if self.own_clip is not None and boundary:
             self._grad_norm = float(clip_grad_norm_(self.model.parameters(), self.own_clip, mpu=self.mpu))
         self.engine.step()
         if boundary:
-            self.optimizer.skip_next_step = False
-            if self.ema is not None and self.last_health.ok:
-                self.ema.update()
+            self._end_step()
+
+    def train_batch(self, steps: list[StepInputs], global_num_ce: int, global_num_mse: int) -> Tensor:
+        """pp > 1: one whole optimizer step through the pipeline (``PipelineRunner.train_batch``).
+
+        Returns this dp rank's loss sums [NUM_LOSS_SUMS] float64; skipping and the EMA as in ``step``.
+        """
+        assert self.pipeline is not None, "train_batch runs pipeline-parallel steps; use forward / backward / step"
+        sums = self.pipeline.train_batch(steps, global_num_ce, global_num_mse)
+        self._end_step()
+        return sums
+
+    def _end_step(self) -> None:
+        """After an optimizer step: record its health; an applied step updates the EMA."""
+        self.last_health = self.gate.end_step()
+        if self.ema is not None and self.last_health.ok:
+            self.ema.update()
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group for the next optimizer step."""
@@ -201,7 +214,9 @@ def build_engine(cfg: ModusConfig, ctx: ParallelContext) -> TrainEngine:
     )
     own_clip = (optim.grad_clip or math.inf) if _clips_itself(cfg, ctx) else None
     compute_dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-    pipeline = PipelineRunner(engine, optimizer, ctx, compute_dtype, own_clip) if ctx.pp > 1 else None
+    guard = NonFiniteGuard(params, ctx.device)
+    gate = StepGate(guard, optimizer)  # the first pre-step hook: the verdict precedes the pipeline's clipping
+    pipeline = PipelineRunner(engine, optimizer, ctx, compute_dtype, own_clip, guard) if ctx.pp > 1 else None
     return TrainEngine(
         engine=engine,
         optimizer=optimizer,
@@ -211,7 +226,8 @@ def build_engine(cfg: ModusConfig, ctx: ParallelContext) -> TrainEngine:
         backward_scale=float(ctx.dp),
         own_clip=None if pipeline else own_clip,  # the pipeline clips in an optimizer pre-step hook
         mpu=mpu,
+        guard=guard,
+        gate=gate,
         pipeline=pipeline,
-        guard=None if pipeline else NonFiniteGuard(params, ctx.device),
         ema=EmaWeights(engine.module, cfg.training.ema_decay) if cfg.training.ema_decay > 0 else None,
     )

@@ -2,15 +2,27 @@
 
 Detection is local and cheap, the decision global:
 
-- every micro-batch loss passes ``NonFiniteGuard.observe_loss``;
+- every micro-batch loss passes ``NonFiniteGuard.observe_loss`` (``TrainEngine.backward`` at
+  pp = 1; ``PipelineLoss`` on the last stage at pp > 1, the only stage with a loss);
 - a hook on every trainable parameter checks each gradient contribution as autograd
   produces it, before DeepSpeed reduces or partitions it. A reduced gradient (a sum over
   micro-batches and data-parallel ranks) is non-finite exactly when one of its
   contributions is, so the global gradient norm is non-finite exactly when a hook saw a
   NaN/Inf on some rank (barring an overflow of finite values in the norm itself);
-- at the accumulation boundary, before the optimizer step, ``verdict`` all-reduces one
+- at the accumulation boundary, inside the optimizer step, ``verdict`` all-reduces one
   flag pair per rank over the whole world, so every rank takes the same decision and knows
   which ranks saw what.
+
+The verdict is taken by ``StepGate``, a pre-step hook of our optimizer, because with pp > 1
+DeepSpeed's pipeline engine runs the whole step (``train_batch``) and our code never sees
+the boundary; one mechanism serves both paths. DeepSpeed calls our optimizer's ``step`` on
+every rank at every boundary (its ZeRO 1/2 wrapper once per parameter group, from a loop
+every rank runs), so the collective in the hook cannot diverge. The one exception:
+DeepSpeed's ZeRO and bf16 optimizers skip the step on their own, without calling ours,
+when their gradient norm is non-finite (fp32 ZeRO 1/2 always does; with bf16, whether
+DeepSpeed's optimizer for the stage checks depends on the stage and its config). That norm
+is all-reduced over every rank, so then no rank ran the hook, and ``StepGate.end_step``
+takes the verdict after the step instead.
 
 A bad step is skipped through ``SkippableAdamW``: DeepSpeed runs its step as usual
 (gradient reduction, clipping, zeroing, its counters), but our optimizer leaves the fp32
@@ -33,13 +45,16 @@ from torch import Tensor, nn
 class SkippableAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` whose next step can be cancelled (weights and moments stay as they are)."""
 
-    skip_next_step: bool = False  # set by the training engine when the step's loss or gradient is non-finite
+    skip_next_step: bool = False  # set by ``StepGate`` when the step's loss or gradient is non-finite
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """AdamW's step, or nothing when ``skip_next_step`` is set."""
         if self.skip_next_step:
             return None
-        return super().step(closure)
+        # Not super().step(): once any plain AdamW exists, torch has wrapped AdamW.step with the
+        # hook runner too, and our pre-step hooks (the gate, the clipper) would run twice.
+        parent_step = torch.optim.AdamW.step
+        return (parent_step.__wrapped__ if getattr(parent_step, "hooked", False) else parent_step)(self, closure)
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,33 @@ class NonFiniteGuard:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class StepGate:
+    """Applies or cancels each optimizer step on the guard's verdict, from inside the step.
+
+    Registered as a pre-step hook of ``optimizer`` (see the module docstring for why there):
+    the verdict is taken once per step, however often DeepSpeed calls the optimizer. Call
+    ``end_step`` after every optimizer step, on every rank.
+    """
+
+    def __init__(self, guard: NonFiniteGuard, optimizer: SkippableAdamW) -> None:
+        self.guard = guard
+        self.optimizer = optimizer
+        self._health: StepHealth | None = None  # this step's verdict, once taken
+        optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._health is None:
+            self._health = self.guard.verdict()
+        self.optimizer.skip_next_step = not self._health.ok
+
+    def end_step(self) -> StepHealth:
+        """The health of the optimizer step just run; the verdict is taken now if DeepSpeed skipped our step."""
+        health = self._health if self._health is not None else self.guard.verdict()
+        self._health = None
+        self.optimizer.skip_next_step = False
+        return health
 
 
 class NonFiniteTrainingError(RuntimeError):

@@ -3,13 +3,18 @@
 A step reads top to bottom: take this rank's micro-batches, count the global batch's
 target tokens (all-reduced over dp), forward + backward each micro-batch, let DeepSpeed
 reduce, clip and step, log; checkpoint every ``training.checkpoint_every`` steps, at the
-end, and when SIGTERM / SIGUSR1 arrives on any rank (then stop).
+end, and when SIGTERM / SIGUSR1 arrives on any rank (then stop). A step whose loss or
+gradient is non-finite is skipped and counted (``training/failures.py``); a rank that dies
+or hangs ends the job with that rank named (``parallel/watchdog.py``).
 
 Each data-parallel rank reads its own disjoint part of the data (``PackedLoader`` with
 this rank's dp coordinates); the tp ranks of one dp group build the same micro-batches,
 and so do the pp stages: with pp > 1 DeepSpeed's pipeline engine (``parallel/pipeline.py``)
 runs the step's micro-batches through the stages, and the last stage's loss sums are
 broadcast to the others for logging.
+
+The log's ``skipped_samples`` and ``skipped/<reason>`` count the samples skipped since the
+run began, summed over dp ranks (one all-reduce of a vector in ``SKIP_REASONS`` order).
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from tqdm import tqdm
 
 from modus_mega.config import ModusConfig, save_config
 from modus_mega.data.loader import PackedLoader
+from modus_mega.data.packing import TOO_LONG
+from modus_mega.data.shards import SkipReason
 from modus_mega.modalities import MODALITY_NAMES
 from modus_mega.parallel.context import ParallelContext
+from modus_mega.parallel.watchdog import Watchdog
 from modus_mega.seeding import derive_seed
 from modus_mega.training.checkpoint import (
     PreemptionSignal,
@@ -41,6 +49,9 @@ from modus_mega.training.metrics import JsonlLog, plot_loss_curves, read_jsonl
 from modus_mega.training.observability import ThroughputMeter, WandbRun
 from modus_mega.training.prepare import prepare_step_inputs
 from modus_mega.training.schedule import learning_rate
+
+# Why samples are skipped: the readers' reasons (data/shards.py), then the packer's (data/packing.py).
+SKIP_REASONS = tuple(reason.value for reason in SkipReason) + (TOO_LONG,)
 
 
 @dataclass
@@ -92,8 +103,10 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
 
     preempted = False
     progress = tqdm(range(state.step, cfg.training.steps), desc="train", unit="step", disable=not ctx.is_main)
-    with PreemptionSignal() as preemption:
+    watchdog = Watchdog(ctx.rank, ctx.world_size, cfg.parallel.collective_timeout_s)
+    with watchdog, PreemptionSignal() as preemption:
         for step in progress:
+            watchdog.progress(step)
             start = time.perf_counter()
             lr = learning_rate(step, cfg.training.steps, cfg.training.optim)
             engine.set_lr(lr)
@@ -112,9 +125,7 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
 
             # [loss, ce_sum, mse_sum, modality sums..., modality counts...] of this rank, summed over dp below
             if engine.pipeline is not None:  # pp > 1: DeepSpeed's pipeline runs the micro-batches through the stages
-                sums = engine.pipeline.train_batch(steps_inputs, int(global_ce), int(global_mse))
-                if engine.ema is not None:
-                    engine.ema.update()
+                sums = engine.train_batch(steps_inputs, int(global_ce), int(global_mse))
             else:
                 sums = torch.zeros(3 + 2 * len(MODALITY_NAMES), dtype=torch.float64)
                 for inputs in steps_inputs:
@@ -126,16 +137,18 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
                         cross_entropy=engine.cross_entropy,
                     )  # fmt: skip
                     engine.backward(terms.loss)
+                    del logits, velocity  # not alive through the next micro-batch's forward
                     engine.step()
                     sums[:3] += torch.tensor([float(terms.loss.detach()), float(terms.ce_sum), float(terms.mse_sum)])
                     sums[3:] += torch.cat([terms.modality_sum.cpu(), terms.modality_count.cpu()]).double()
             totals = ctx.all_reduce_dp(sums.tolist())
+            skips = ctx.all_reduce_dp(skip_counts(loader))  # [len(SKIP_REASONS)]
             elapsed = time.perf_counter() - start
             failures.record(engine.last_health)
             throughput = meter.measure(micro_batches, elapsed)  # collective over dp
 
             if log is not None:
-                record = _step_record(step, totals, global_ce, global_mse, engine.grad_norm(), lr, throughput, failures, loader)
+                record = _step_record(step, totals, global_ce, global_mse, engine.grad_norm(), lr, throughput, failures, skips)
                 if step % cfg.training.log_every == 0 or step == cfg.training.steps - 1:
                     log.write(record)
                     if tracker is not None:
@@ -148,6 +161,7 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
             every = cfg.training.checkpoint_every
             if preempted or (every and state.step % every == 0) or state.step == cfg.training.steps:
                 save_checkpoint(engine, loader, ctx, cfg, root, state)
+                watchdog.progress(step)  # the stall clock times the checkpoint apart from the step
             if preempted:
                 break
     if log is not None:
@@ -171,9 +185,9 @@ def _step_record(
     lr: float,
     throughput: dict[str, float],
     failures: BadStepCounter,
-    loader: PackedLoader,
+    skips: list[float],
 ) -> dict:
-    """One metrics.jsonl line from the dp-summed step totals and the step's throughput (``ThroughputMeter``)."""
+    """One metrics.jsonl line from the dp-summed step totals and skip counts and the step's throughput."""
     num = len(MODALITY_NAMES)
     loss, ce_sum, mse_sum = totals[:3]
     modality_sum, modality_count = totals[3 : 3 + num], totals[3 + num :]
@@ -185,13 +199,22 @@ def _step_record(
         "grad_norm": grad_norm,
         "lr": lr,
         **throughput,
-        "skipped_samples": loader.num_skipped,  # this dp rank's
+        "skipped_samples": int(sum(skips)),  # every reason, all dp ranks, since the run began
+        **{f"skipped/{reason}": int(count) for reason, count in zip(SKIP_REASONS, skips)},
         "skipped_steps": failures.skipped_steps,  # non-finite loss or gradient, since the run began
     }
     for name, total, count in zip(MODALITY_NAMES, modality_sum, modality_count):
         if count:
             record[f"loss/{name}"] = total / count
     return record
+
+
+def skip_counts(loader: PackedLoader) -> list[float]:
+    """This rank's skipped samples since the run began, by reason, in ``SKIP_REASONS`` order."""
+    counts = loader.skipped + loader.packer.dropped
+    unknown = sorted(counts.keys() - set(SKIP_REASONS))
+    assert not unknown, f"skip reasons {unknown} are missing from SKIP_REASONS (the log would drop them)"
+    return [float(counts[reason]) for reason in SKIP_REASONS]
 
 
 def _truncate_log(path: Path, keep_below_step: int) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from modus_mega.config import ModusConfig, config_from_dict, config_to_dict
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.training.failures import BadStepCounter, NonFiniteTrainingError, StepHealth
+from modus_mega.training.failures import BadStepCounter, NonFiniteTrainingError, SkippableAdamW, StepHealth
 from tests.distributed.helpers import run_distributed
 
 
@@ -129,6 +129,21 @@ def test_every_rank_skips_when_one_rank_sees_nan(tmp_path: Path) -> None:
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["health"] == {"nonfinite_loss_ranks": [1], "nonfinite_grad_ranks": [1]}, (rank, result)
         assert result["unchanged"], rank
+
+
+def test_pre_step_hooks_run_once_per_step_even_after_a_plain_adamw_exists() -> None:
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # makes torch wrap AdamW.step with its hook runner too
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = SkippableAdamW([param], lr=0.1)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *args: calls.append(1))
+    param.grad = torch.ones(2)
+    optimizer.step()
+    assert len(calls) == 1 and not torch.equal(param.detach(), torch.ones(2))
+    optimizer.skip_next_step = True
+    before = param.detach().clone()
+    optimizer.step()
+    assert len(calls) == 2 and torch.equal(param.detach(), before)
 
 
 def test_counter_resets_on_a_good_step_and_stops_at_the_limit() -> None:
