@@ -89,19 +89,17 @@ def run(args: argparse.Namespace) -> None:
     best = result.best()
     if best is None:
         closest = min(
-            (c for c in result.candidates if c.memory is not None and c.expressible),
+            (c for c in result.candidates if c.memory is not None),
             key=lambda c: c.memory.peak,  # type: ignore[union-attr]
             default=None,
         )
         if closest is not None:
             print()
-            print(f"closest the launcher can run ({'; '.join(closest.reasons)}):")
+            print(f"closest to fitting ({'; '.join(closest.reasons)}):")
             print(best_breakdown(closest))
-        raise SystemExit("no layout the launcher can run fits; see the reasons above")
+        raise SystemExit("no layout fits; see the reasons above")
     print()
-    if result.ranked[0] is not best:
-        print(f"note: faster layouts need config fields the launcher lacks ({', '.join(result.ranked[0].missing_fields)})")
-    print("best the launcher can run:")
+    print("best layout:")
     print(best_breakdown(best))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

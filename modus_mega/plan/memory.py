@@ -9,20 +9,30 @@ Peak of the busiest pipeline stage::
 elements per dp rank, for the trainable tensors p_1..p_n of this tp rank and stage in
 module order (P = sum p_i; N = dp; F = P rounded up to a multiple of 2N; r = dp rank):
 
-| elements | ZeRO 0 | ZeRO 1 | ZeRO 2 | ZeRO 3 |
-|---|---|---|---|---|
-| weights, module dtype | P | F (one flat buffer) | F | sum ceil(p_i/N) + (N > 1) sum of N ceil(p_i/N) for p_i <= 1e5 |
-| gradients, module dtype | P | max(P, G_r) | G_r | sum ceil(p_i/N) |
-| master weights, fp32 | P if the module is not fp32, else 0 | F/N | F/N | sum ceil(p_i/N) |
-| Adam exp_avg + exp_avg_sq, 2 x fp32 | 2P | 2F/N | 2F/N | 2 sum ceil(p_i/N) |
-| AdamW ``step`` counters, fp32 | one per tensor | 1 | 1 | one per sub-group |
+| elements | ZeRO 0 | ZeRO 0, bf16, pp > 1 | ZeRO 1 | ZeRO 2 | ZeRO 3 |
+|---|---|---|---|---|---|
+| weights, module dtype | P | F | F (one flat buffer) | F | sum ceil(p_i/N) + (N > 1) sum of N ceil(p_i/N) for p_i <= 1e5 |
+| gradients, module dtype | P | P + F | max(P, G_r) | G_r | sum ceil(p_i/N) |
+| master weights, fp32 | P if the module is not fp32, else 0 | F/N | F/N | F/N | sum ceil(p_i/N) |
+| Adam exp_avg + exp_avg_sq, 2 x fp32 | 2P | 2F/N | 2F/N | 2F/N | 2 sum ceil(p_i/N) |
+| AdamW ``step`` counters, fp32 | one per tensor | 1 | 1 | 1 | one per sub-group |
 
-Gradients are the most a rank holds at the end of a backward. Where each term comes from
-(measured per rank in ``tests/plan/test_memory_engine.py``):
+Gradients are the most a rank holds at the end of a backward. Under a pipeline
+(``parallel/pipeline.py``) the tensors are those of one stage, in the order its
+``PipelineStage`` registers them (``ModelShape.stage_tensors``), N is dp (the ranks that
+hold the same stage), and DeepSpeed reduces once after the last backward (its
+``ReduceGrads`` instruction) instead of inside the boundary's backward: the same buffers,
+held until then. Where each term comes from (measured per rank and stage in
+``tests/plan/test_memory_engine.py``):
 
 - ZeRO 0: DeepSpeed hands an fp32 model's AdamW through untouched (it steps the weights in
   place: no master copy); a bf16 model gets its unfused mixed-precision wrapper, one fp32
   clone per tensor. Gradients are the tensors' own ``.grad``.
+- ZeRO 0 with a bf16 pipeline: DeepSpeed's ``PipelineEngine`` wraps the optimizer in its
+  ``BF16_Optimizer`` instead, which partitions like ZeRO 1 (flat bf16 buffer of F, fp32
+  master and Adam states of F/N) and accumulates every tensor's ``.grad`` into a second
+  flat buffer of F elements in the module dtype (``grad_accum_dtype`` is unset), which it
+  keeps, zeroed, between steps; the ``.grad`` are dropped after the step.
 - ZeRO 1/2 flatten the trainable tensors into one buffer padded to a multiple of
   ``2 * N`` elements (``nccl_start_alignment_factor``); rank r owns elements
   [rF/N, (r+1)F/N) and keeps an fp32 clone of them (even when the module is fp32).
@@ -44,7 +54,8 @@ Gradients are the most a rank holds at the end of a backward. Where each term co
   host unless ``capturable``, so it costs GPU memory nothing and CPU memory 4 bytes each.
 - Frozen weights (the sin-cos tables, and the 1D expert under ``freeze_1d_expert``) cost
   their weights only (module dtype; partitioned as above under ZeRO 3); the frozen VAE
-  is not part of the engine: whole, fp32.
+  is not part of the engine: whole, fp32, on every pipeline stage (each rank encodes its
+  micro-batches: the first stage for the inputs, the last for the velocity targets).
 
 DeepSpeed's ``estimate_zero2_model_states_mem_needs`` (``2P + 18P/N``: bf16 weights, bf16
 gradient partition, and an fp32 gradient partition, master and Adam states) is the table's
@@ -84,18 +95,31 @@ activations are rebuilt at a time during backward; the ViT layers are checkpoint
 The trainable ViT (first stage, replicated over tp) keeps per patch and layer its two
 LayerNorm inputs, outputs and statistics, q, k, v, the (flash-attention) output and
 log-sum-exp, and the two GELU MLP tensors; then the post-LayerNorm and the connector. The LM head (last stage) keeps, per CE position, the bf16 logits plus
-the fp32 copy and softmax of the vocabulary-parallel cross-entropy ((b + 8) V/t).
+the fp32 copy and softmax of the vocabulary-parallel cross-entropy ((b + 8) V/t; with
+pp > 1 the logits are counted among the pipe buffers, which keep them).
 
-Pipeline: under 1F1B, stage s holds min(m, pp - s) micro-batches in flight.
+Pipeline: under 1F1B, stage s holds min(m, pp - s) micro-batches in flight. Each of them
+also keeps, in DeepSpeed's pipe buffers, the ``StageActivations`` that crossed a stage
+boundary: T (b D + 32) bytes (the hidden states and the integer metadata: token_type,
+position_ids, target_roles int64, attn_lo, attn_hi int32), received (s > 0) until its
+gradient is sent back, sent (s < pp - 1) until its backward (``pipeline_buffers``).
 
 **Engine buffers** (DeepSpeed defaults, which ``training/engine.py`` leaves as they are,
 see ``DeepSpeedSettings``): ZeRO 1/2 keep one (two with ``overlap_comm``) reduce buckets
 of ``reduce_bucket_size`` gradients; ZeRO 3 one reduce bucket plus the gathered working
 set (the largest tensor and its gradient, and the prefetch bucket); ZeRO 0 all-reduces
-in buckets of 5e8 after the backward. **Transients**: the frozen VAE encodes a
+in buckets of 5e8 after the backward. A ``PipelineEngine`` (pp > 1) keeps, from its
+first step on, receive buffers (T (b D + 32) bytes on a stage that receives activations;
+the T b D gradient of the hidden states needs its own only on the first stage, a middle
+stage receives it into its activation buffer), and it never frees what its pipe buffers
+load or the last stage computes: each of max(2, min(pp - s, m)) buffers holds the loaded
+micro-batch inputs on the first stage, the labels and the head's outputs (logits and
+velocities) on the last, until the next step overwrites them. **Transients**: the frozen VAE encodes a
 micro-batch's images at once (about three fp32 feature maps of the first resolution
-level per image live at a time); the optimizer step upcasts the gradient partition and
-ZeRO 1/2 all-gather the updated weights in ``allgather_bucket_size`` chunks.
+level per image live at a time; the training loop encodes all of a step's micro-batches
+before the first forward, so no activations are in flight then); the optimizer step
+upcasts the gradient partition and ZeRO 1/2 all-gather the updated weights in
+``allgather_bucket_size`` chunks.
 """
 
 from __future__ import annotations
@@ -103,6 +127,7 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -183,6 +208,15 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def bf16_pipeline_optimizer(layout: Layout, precision: Precision) -> bool:
+    """Whether DeepSpeed steps this layout through its ``BF16_Optimizer``: ZeRO 0, pp > 1, a bf16 module.
+
+    ``PipelineEngine`` picks it where ``DeepSpeedEngine`` would pick its unfused
+    mixed-precision wrapper (pp = 1); it partitions the optimizer like ZeRO 1.
+    """
+    return layout.zero_stage == 0 and layout.pp > 1 and not precision.module_is_master
+
+
 def flat_numel(trainable: int, dp: int) -> int:
     """ZeRO 1/2's flat buffer: the trainable elements padded to a multiple of ``2 * dp``."""
     alignment = NCCL_START_ALIGNMENT * dp
@@ -247,15 +281,19 @@ def zero_elements(
     total = sum(trainable)
     ranks = range(dp) if dp_rank is None else (dp_rank,)
     first = 0 if dp_rank is None else dp_rank  # owned elements never grow with the rank: rank 0 owns the most
-    if z == 0:
+    bf16_pipeline = bf16_pipeline_optimizer(layout, precision)
+    if z == 0 and not bf16_pipeline:
         master = 0 if precision.module_is_master else total
         return ZeroElements(total, sum(frozen), total, master, total, len(trainable), owned=total)
-    if z in (1, 2):
+    if z in (0, 1, 2):
         flat = flat_numel(total, dp)
         partition = flat // dp
-        boundary = zero12_gradient_elements(trainable, dp)
-        reduced = max(boundary[r] for r in ranks)
-        gradients = max(total, reduced) if z == 1 else reduced
+        if bf16_pipeline:
+            gradients = total + flat  # every tensor's .grad, accumulated into a flat buffer of F
+        else:
+            boundary = zero12_gradient_elements(trainable, dp)
+            reduced = max(boundary[r] for r in ranks)
+            gradients = max(total, reduced) if z == 1 else reduced
         owned = max(0, min((first + 1) * partition, total) - first * partition)
         return ZeroElements(flat, sum(frozen), gradients, partition, partition, 1, owned)
     partitions = [_ceil_div(n, dp) for n in trainable]
@@ -301,10 +339,10 @@ class MemoryEstimate:
 
     stage: int  # the pipeline stage this describes
     states: ModelStates
-    buffers: int  # DeepSpeed buckets and the ZeRO-3 gathered working set
-    activations: int  # saved for backward by every in-flight micro-batch
+    buffers: int  # DeepSpeed buckets, the ZeRO-3 gathered working set, the pipeline engine's kept buffers
+    activations: int  # saved for backward by every in-flight micro-batch, with its stage-boundary tensors
     working: int  # one layer's backward (or recompute) working set and the LM head's logits
-    encode: int  # VAE encode transient on the first stage (other micro-batches still in flight)
+    encode: int  # VAE encode transient (before the step's first forward)
     step: int  # optimizer-step transient: fp32 gradient partition and gather buckets
     fragmentation: int  # allocator margin on the largest dynamic phase
 
@@ -368,7 +406,8 @@ def step_transient(shape: ModelShape, layout: Layout, stage: int, precision: Pre
 
     Read from DeepSpeed's step code: without ZeRO, a bf16 module's gradients are upcast
     tensor by tensor (an fp32 module's AdamW reads ``.grad`` itself), after the boundary
-    all-reduce flattened them bucket by bucket. ZeRO 1/2 flatten the rank's gradient
+    all-reduce flattened them bucket by bucket (a bf16 pipeline's ``BF16_Optimizer``: see
+    below). ZeRO 1/2 flatten the rank's gradient
     partition into a new tensor and upcast it to fp32 (a second copy unless the gradients
     are fp32 already), then all-gather the updated weights in ``allgather_bucket_size``
     chunks; ZeRO 3 flattens and upcasts one sub-group at a time.
@@ -376,11 +415,16 @@ def step_transient(shape: ModelShape, layout: Layout, stage: int, precision: Pre
     trainable = shape.stage(stage, layout.pp).trainable(layout.tp)
     z = layout.zero_stage
     upcast = 0 if precision.grad_bytes == precision.master_bytes else precision.master_bytes
-    if z == 0:
+    if z == 0 and not bf16_pipeline_optimizer(layout, precision):
         return trainable * upcast + min(ds.allreduce_bucket_elements, trainable) * precision.grad_bytes
-    partition = zero_elements(shape, layout, stage, precision, ds).master
+    e = zero_elements(shape, layout, stage, precision, ds)
+    partition = e.master
+    gather = min(ds.allgather_bucket_elements, trainable) * precision.param_bytes
+    if z == 0:
+        # BF16_Optimizer: the all-reduce flattens its flat gradient buffer into a copy (one bucket,
+        # before the step); the step upcasts this rank's partition of it (a view) and all-gathers.
+        return max(e.weights * precision.grad_bytes, partition * upcast + gather)
     if z in (1, 2):
-        gather = min(ds.allgather_bucket_elements, trainable) * precision.param_bytes
         return partition * (precision.grad_bytes + upcast) + gather
     return min(partition, ds.sub_group_elements) * (precision.grad_bytes + upcast)
 
@@ -408,6 +452,98 @@ def engine_buffers(shape: ModelShape, layout: Layout, precision: Precision, ds: 
     largest = shape.largest_tensor(layout.tp)
     gathered = (largest + ds.prefetch_bucket_elements) * precision.param_bytes + largest * precision.grad_bytes
     return reduce + gathered
+
+
+@dataclass(frozen=True)
+class MicroBatchTensors:
+    """Rows of one micro-batch's tensors that a pipeline engine keeps (``parallel/pipeline.py``:
+    ``StageInputs`` on the first stage, ``StageLabels`` and the head's outputs on the last)."""
+
+    tokens: int  # T, the token budget
+    vit_patches: int
+    vit_images: int
+    vae_tokens: int  # 2D tokens entering vae2llm, clean and noisy
+    ce_tokens: int  # positions with a CE target: rows of the logits
+    mse_tokens: int  # noisy 2D target tokens: rows of the velocities
+
+    @classmethod
+    def at_peak(cls, shape: ModelShape, mb: MicroBatch) -> "MicroBatchTensors":
+        """The planner's micro-batch at its memory peaks, bounded above: every VAE image a
+        target, and as many ViT images as patches (``cu_seqlens``: 4 bytes each)."""
+        cfg = shape.cfg
+        per_image = (mb.vae_pixels // (cfg.vae.downsample * cfg.latent_patch_size)) ** 2
+        vae_tokens = min(mb.tokens, math.ceil(mb.peak_vae_images) * per_image)
+        vit_patches = min(mb.tokens, math.ceil(mb.peak_vit_tokens))
+        return cls(mb.tokens, vit_patches, vit_patches, vae_tokens, math.ceil(mb.peak_ce_tokens), vae_tokens)
+
+
+@dataclass(frozen=True)
+class PipeBuffers:
+    """Bytes in the pipe buffers of a ``PipelineEngine`` on one stage (``pipeline_buffers``; nothing at pp = 1)."""
+
+    in_flight: int  # ``StageActivations`` of the micro-batches in flight, received and / or sent, until their backward
+    kept: int  # from the first step on: receive buffers, each buffer's inputs (first stage), labels and head outputs (last)
+
+
+BOUNDARY_METADATA_BYTES = 32  # per token besides the hidden state: token_type, position_ids, target_roles, attn_lo/hi
+FIRST_STAGE_TOKEN_BYTES = 40  # per token of ``StageInputs``: input_ids and the boundary metadata
+
+
+def pipe_buffer_count(layout: Layout, stage: int) -> int:
+    """Pipe buffers of ``stage``: DeepSpeed's ``TrainSchedule.num_pipe_buffers``, max(2, min(pp - s, m))."""
+    return max(2, min(layout.pp - stage, layout.grad_accum))
+
+
+def pipeline_buffers(
+    shape: ModelShape, layout: Layout, tensors: MicroBatchTensors, stage: int, precision: Precision
+) -> PipeBuffers:
+    """What DeepSpeed's ``PipelineEngine`` holds on ``stage`` besides autograd's saved tensors.
+
+    Read from its engine (``deepspeed/runtime/pipe/engine.py``) and measured in
+    ``tests/plan/test_memory_engine.py``; b is the compute dtype's bytes:
+
+    - in flight, per micro-batch (min(m, pp - s) of them): the ``StageActivations`` it
+      received (s > 0; the forward runs on a clone, the original takes the gradient that is
+      sent back) and the one it sent (s < pp - 1; kept with its graph for the backward),
+      each T (b D + 32) bytes (hidden states; token_type, position_ids, target_roles
+      int64; attn_lo, attn_hi int32), the hidden states only ceil(T / t) rows under
+      sequence parallelism;
+    - kept: the receive buffer (one ``StageActivations``; on the first stage the T b D
+      gradient of the hidden states, which later stages receive into their activation
+      buffer), and for each of the min(buffers, m) pipe buffers in use what it loaded or
+      computed, never freed before the next step overwrites it: the first stage's
+      ``StageInputs`` (T int64 ids and metadata, ViT pixels in b with int64 position ids
+      and int32 ``cu_seqlens``, 2D latents in b with fp32 timesteps and int64 position
+      ids), the last stage's ``StageLabels`` (int64 CE labels and modalities, velocity
+      targets in the VAE's dtype and int64 modalities) and head outputs (the logits
+      [N_ce, V/t] and velocities [N_mse, P] in b: the engine drops a forward's outputs
+      after its backward on every stage but the last, whose backward returns before that).
+    """
+    if layout.pp == 1:
+        return PipeBuffers(0, 0)
+    cfg, b, t = shape.cfg, precision.activation_bytes, tensors
+    first, last = stage == 0, stage == layout.pp - 1
+    rows = -(-t.tokens // layout.tp) if layout.sequence_parallel else t.tokens  # SP: each tp rank sends its rows
+    hidden = rows * cfg.llm.hidden_size * b
+    boundary = hidden + t.tokens * BOUNDARY_METADATA_BYTES
+    sides = (not first) + (not last)  # receives from the previous stage, sends to the next
+    in_flight = min(layout.grad_accum, layout.pp - stage) * boundary * sides
+    latent = cfg.patch_latent_dim
+    per_buffer = 0
+    if first:
+        pixels = cfg.vit.patch_size**2 * cfg.vit.num_channels
+        per_buffer += (
+            FIRST_STAGE_TOKEN_BYTES * t.tokens
+            + t.vit_patches * (pixels * b + 8) + 4 * (t.vit_images + 1)
+            + t.vae_tokens * (latent * b + 4 + 8)
+        )  # fmt: skip
+    if last:
+        labels = 16 * t.ce_tokens + t.mse_tokens * (latent * precision.vae_bytes + 8)
+        outputs = t.ce_tokens * (shape.vocab_rows // layout.tp) * b + t.mse_tokens * latent * b
+        per_buffer += labels + outputs
+    receive = hidden if first else boundary
+    kept = receive + min(pipe_buffer_count(layout, stage), layout.grad_accum) * per_buffer
+    return PipeBuffers(in_flight, kept)
 
 
 def decoder_layer_bytes_per_token(shape: ModelShape, layout: Layout, precision: Precision) -> float:
@@ -463,17 +599,16 @@ def activation_memory(shape: ModelShape, layout: Layout, mb: MicroBatch, stage: 
         working = 0.0
     working += tokens * (3 * b * llm.intermediate_size / t + 2 * b * llm.hidden_size)  # activation gradients of one layer
     per_micro_batch += context_bytes_per_token(shape, precision) * tokens
-    encode = 0.0
     if stage == 0:
         per_micro_batch += vit_bytes_per_patch(shape, layout, precision) * mb.peak_vit_tokens
-        pixels = mb.vae_pixels**2
-        encode = 3 * shape.cfg.vae.base_channels * pixels * precision.vae_bytes * mb.peak_vae_images
     if stage == layout.pp - 1:
         vocab = shape.vocab_rows / t
-        working += mb.peak_ce_tokens * ((b + 8) * vocab + (4 + 2 * b) * llm.hidden_size)
+        logits = b if layout.pp == 1 else 0  # pp > 1: in the pipe buffers (pipeline_buffers)
+        working += mb.peak_ce_tokens * ((logits + 8) * vocab + (4 + 2 * b) * llm.hidden_size)
     saved = in_flight * per_micro_batch
-    encode_phase = (in_flight - 1) * per_micro_batch + encode
-    return int(saved), int(working), int(encode_phase)
+    # Every stage encodes, before the step's first forward (training/loop.py), so nothing is in flight then.
+    encode = 3 * shape.cfg.vae.base_channels * mb.vae_pixels**2 * precision.vae_bytes * mb.peak_vae_images
+    return int(saved), int(working), int(encode)
 
 
 def estimate_memory(
@@ -487,15 +622,18 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Peak memory per GPU of ``layout``: the largest over its pipeline stages."""
     estimates = []
+    tensors = MicroBatchTensors.at_peak(shape, mb)
     for stage in range(layout.pp):
         saved, working, encode = activation_memory(shape, layout, mb, stage, precision)
+        pipe = pipeline_buffers(shape, layout, tensors, stage, precision)
+        saved += pipe.in_flight
         step = step_transient(shape, layout, stage, precision, ds)
         dynamic = max(saved + working, encode, step)
         estimates.append(
             MemoryEstimate(
                 stage=stage,
                 states=model_states(shape, layout, stage, precision, ema),
-                buffers=engine_buffers(shape, layout, precision, ds),
+                buffers=engine_buffers(shape, layout, precision, ds) + pipe.kept,
                 activations=saved,
                 working=working,
                 encode=encode,

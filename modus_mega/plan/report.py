@@ -12,7 +12,7 @@ from modus_mega.plan.workload import micro_batch
 def workload_summary(plan: Plan) -> str:
     """What a micro-batch holds under the plan's assumptions (a few lines)."""
     mix, options = plan.mix, plan.options
-    budget = (plan.best() or (plan.ranked or plan.candidates)[0]).layout.token_budget
+    budget = (plan.best() or plan.candidates[0]).layout.token_budget
     mb = micro_batch(mix, max(budget, mix.max_tokens), options.packing_efficiency)
     dense_pairs = mb.tokens * (mb.tokens + 1) / 2
     return "\n".join(
@@ -28,7 +28,7 @@ def workload_summary(plan: Plan) -> str:
 
 _HEADER = (
     f"{'#':>3} {'tp':>2} {'pp':>2} {'dp':>4} {'zero':>4} {'sp':>2} {'recompute':>9} {'budget':>6} {'ga':>3} "
-    f"{'batch Mi':>8} {'mem GiB':>7} {'step s':>7} {'tok/s/GPU':>9} {'MFU':>5} {'bubble':>6} {'comm':>5}  note"
+    f"{'batch Mi':>8} {'mem GiB':>7} {'step s':>7} {'tok/s/GPU':>9} {'MFU':>5} {'bubble':>6} {'comm':>5}"
 )
 
 
@@ -37,14 +37,13 @@ def candidate_row(rank: int, candidate: Candidate, peak_tflops: float) -> str:
     layout, memory, step = candidate.layout, candidate.memory, candidate.step
     assert memory is not None and step is not None
     comm = step.tp_comm_s + step.pp_p2p_s + step.dp_comm_s
-    note = "needs " + ", ".join(candidate.missing_fields) if candidate.missing_fields else ""
     return (
         f"{rank:>3} {layout.tp:>2} {layout.pp:>2} {layout.dp:>4} {layout.zero_stage:>4} "
         f"{'y' if layout.sequence_parallel else '-':>2} {layout.recompute:>9} {layout.token_budget:>6} "
         f"{layout.grad_accum:>3} {layout.global_batch_tokens / 2**20:>8.2f} {memory.peak / GIB:>7.1f} "
         f"{step.total_s:>7.2f} {step.tokens_per_s_per_gpu(layout.gpus):>9,.0f} "
         f"{step.mfu(layout.gpus, peak_tflops):>5.1%} {step.pp_bubble_s / step.total_s:>6.1%} "
-        f"{comm / step.total_s:>5.1%}  {note}"
+        f"{comm / step.total_s:>5.1%}"
     )
 
 

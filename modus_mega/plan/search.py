@@ -18,10 +18,9 @@ Layouts that fit are ranked by real tokens per second per GPU (ties: less memory
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 
-from modus_mega.config import ModusConfig, ParallelConfig, validate
+from modus_mega.config import ModusConfig, validate
 from modus_mega.plan.calibration import Calibration
 from modus_mega.plan.layout import EmaPlacement, Layout, Recompute
 from modus_mega.plan.memory import GIB, MIXED_BF16, MemoryEstimate, Precision, estimate_memory
@@ -31,9 +30,6 @@ from modus_mega.plan.workload import DocumentMix, document_mix, micro_batch
 
 MAX_TOKEN_BUDGET = 65536  # largest power-of-two budget enumerated by default
 BUDGET_STEP = 1024  # the smallest budget tried is the longest document rounded up to a multiple of this
-# Config fields a layout needs beyond tp / pp / zero_stage, and the value meaning "off".
-SEQUENCE_PARALLEL_FIELD = "sequence_parallel"  # parallel.sequence_parallel: bool
-RECOMPUTE_FIELD = "recompute"  # parallel.recompute: "none" | "full"
 
 
 @dataclass(frozen=True)
@@ -62,17 +58,11 @@ class Candidate:
     memory: MemoryEstimate | None  # None when rejected before prediction
     step: StepEstimate | None
     reasons: tuple[str, ...]  # empty when the layout fits
-    missing_fields: tuple[str, ...]  # config fields the layout needs that ParallelConfig does not have yet
 
     @property
     def fits(self) -> bool:
         """Whether the layout is predicted to run."""
         return not self.reasons
-
-    @property
-    def expressible(self) -> bool:
-        """Whether the config format can express the layout (the launcher can run it)."""
-        return not self.missing_fields
 
 
 @dataclass(frozen=True)
@@ -97,50 +87,32 @@ class Plan:
         return [c for c in self.candidates if not c.fits]
 
     def best(self) -> Candidate | None:
-        """The fastest layout the launcher can run (None when nothing fits)."""
-        return next((c for c in self.ranked if c.expressible), None)
+        """The fastest layout that fits (None when nothing fits)."""
+        return next(iter(self.ranked), None)
 
 
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def _parallel_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(ParallelConfig)}
-
-
-def missing_fields(layout: Layout) -> tuple[str, ...]:
-    """Config fields ``layout`` needs that ``ParallelConfig`` does not define."""
-    have = _parallel_fields()
-    missing = []
-    if layout.sequence_parallel and SEQUENCE_PARALLEL_FIELD not in have:
-        missing.append(f"parallel.{SEQUENCE_PARALLEL_FIELD}")
-    if layout.recompute != "none" and RECOMPUTE_FIELD not in have:
-        missing.append(f"parallel.{RECOMPUTE_FIELD}")
-    return tuple(missing)
+def _with_parallel(cfg: ModusConfig, layout: Layout) -> ModusConfig:
+    """A copy of ``cfg`` with the layout's ``parallel`` fields (not validated)."""
+    out = copy.deepcopy(cfg)
+    par = out.parallel
+    par.tp, par.pp, par.zero_stage = layout.tp, layout.pp, layout.zero_stage
+    par.sequence_parallel, par.recompute = layout.sequence_parallel, layout.recompute
+    par.recompute_layers = 0  # the planner models recomputing every decoder layer or none
+    return out
 
 
 def layout_config(cfg: ModusConfig, layout: Layout) -> ModusConfig:
     """``cfg`` with the layout's fields set, validated: what ``--out`` writes for the launcher.
 
-    Sets ``parallel.tp / pp / zero_stage``, ``data.token_budget`` and
-    ``training.grad_accum_steps``; ``parallel.sequence_parallel`` and ``parallel.recompute``
-    when ``ParallelConfig`` defines them. Raises ``ValueError`` for a layout the config
-    cannot express or validation rejects.
+    Sets ``parallel.tp / pp / zero_stage / sequence_parallel / recompute`` (and
+    ``recompute_layers`` to 0: all), ``data.token_budget`` and ``training.grad_accum_steps``.
+    Raises ``ValueError`` for a layout validation rejects.
     """
-    missing = missing_fields(layout)
-    if missing:
-        raise ValueError(
-            f"layout {layout.describe()} needs config field(s) {', '.join(missing)}, which ParallelConfig "
-            "does not define; pick a layout without them or add the fields to modus_mega/config.py"
-        )
-    out = copy.deepcopy(cfg)
-    out.parallel.tp, out.parallel.pp, out.parallel.zero_stage = layout.tp, layout.pp, layout.zero_stage
-    have = _parallel_fields()
-    if SEQUENCE_PARALLEL_FIELD in have:
-        setattr(out.parallel, SEQUENCE_PARALLEL_FIELD, layout.sequence_parallel)
-    if RECOMPUTE_FIELD in have:
-        setattr(out.parallel, RECOMPUTE_FIELD, layout.recompute)
+    out = _with_parallel(cfg, layout)
     out.data.token_budget = layout.token_budget
     out.training.grad_accum_steps = layout.grad_accum
     validate(out, source="planned layout")
@@ -155,10 +127,8 @@ def _tokens(count: int) -> str:
 def _structural_reasons(cfg: ModusConfig, layout: Layout, mix: DocumentMix, options: PlanOptions) -> list[str]:
     """Why ``layout`` cannot run regardless of memory (empty when it can)."""
     reasons = []
-    probe = copy.deepcopy(cfg)
-    probe.parallel.tp, probe.parallel.pp, probe.parallel.zero_stage = layout.tp, layout.pp, layout.zero_stage
     try:
-        validate(probe, source="layout")
+        validate(_with_parallel(cfg, layout), source="layout")
     except ValueError as e:
         reasons.append(f"config: {str(e).removeprefix('layout: ')}")
     llm = cfg.model.llm
@@ -253,9 +223,8 @@ def _evaluate(
     options: PlanOptions,
 ) -> Candidate:
     reasons = _structural_reasons(cfg, layout, mix, options)
-    missing = missing_fields(layout)
     if reasons:
-        return Candidate(layout, None, None, tuple(reasons), missing)
+        return Candidate(layout, None, None, tuple(reasons))
     mb = micro_batch(mix, layout.token_budget, options.packing_efficiency)
     memory = estimate_memory(shape, layout, mb, calibration, options.precision, options.ema)
     step = estimate_step(shape, layout, mb, calibration, vae_flops, options.precision, options.ema)
@@ -264,4 +233,4 @@ def _evaluate(
             f"memory: needs {memory.peak / GIB:.1f} GiB per GPU on stage {memory.stage}, "
             f"{calibration.usable_bytes / GIB:.1f} GiB usable (largest term: {memory.largest_term()})"
         )
-    return Candidate(layout, memory, step, tuple(reasons), missing)
+    return Candidate(layout, memory, step, tuple(reasons))

@@ -4,9 +4,11 @@ The model is built on the meta device (no memory, no init) and every named param
 classified by three questions the memory and step-time models need:
 
 - **pipeline place**: the first stage holds the input side (token embedding, ViT,
-  connector, 2D input modules, sin-cos tables) and the frozen VAE that encodes images;
-  decoder layers are split evenly over stages; the last stage holds the two final norms,
-  the LM head and ``llm2vae`` (DeepSpeed ``PipelineModule`` layout, DESIGN §6);
+  connector, 2D input modules, sin-cos tables); decoder layers are split evenly over
+  stages; the last stage holds the two final norms, the LM head and ``llm2vae``
+  (DeepSpeed ``PipelineModule`` layout, DESIGN §6). The frozen VAE is on every stage:
+  each rank encodes its micro-batches (the first stage needs the latents as inputs, the
+  last one its velocity targets);
 - **tensor-parallel rule**: q/k/v (weights and biases), o, gate/up/down and the vocabulary
   tables are split over tp (Megatron-core column / row / vocab-parallel layers, as
   ``modus_mega/parallel/tensor_parallel.py`` builds them); everything else is replicated
@@ -19,6 +21,9 @@ Besides the totals, every tensor is kept in module order (``ModelShape.tensors``
 byte counts depend on tensor boundaries, not only on totals (DeepSpeed lays the trainable
 tensors out in this order in one flat buffer and cuts it into dp partitions; ZeRO 3 pads
 every tensor to a multiple of dp and keeps small tensors whole), see ``plan/memory.py``.
+A pipeline stage registers its modules in its own order (``PipelineStage``: the first
+stage's input modules, the last stage's head modules, then the decoder layers), which
+``ModelShape.stage_tensors`` follows for pp > 1.
 
 A parameter the rules do not know raises, so a model change cannot silently skew a plan.
 """
@@ -37,9 +42,12 @@ _LAYER_SHARDED = re.compile(
     r"^layers\.\d+\.experts\.\d+\.((q_proj|k_proj|v_proj)\.(weight|bias)|o_proj\.weight|mlp\.(gate_proj|up_proj|down_proj)\.weight)$"
 )
 _FROZEN_1D_EXPERT = re.compile(r"^layers\.\d+\.experts\.0\.")
-_EMBED_PREFIXES = ("vit.", "connector.", "vit_pos_embed.", "time_embedder.", "vae2llm.", "latent_pos_embed.")
-_HEAD_PREFIXES = ("final_norms.", "llm2vae.")
-_VOCAB_TABLES = {"embed_tokens.weight": "embed", "lm_head.weight": "head"}
+# ModusModel's modules besides the decoder layers, by stage, in the order ``PipelineStage`` registers them
+# (parallel/pipeline.py's EMBEDDING_MODULES, HEAD_MODULES; tests/plan/test_memory_engine.py builds the stages to check).
+FIRST_STAGE_MODULES = ("embed_tokens", "vit", "connector", "vit_pos_embed", "time_embedder", "vae2llm", "latent_pos_embed")
+LAST_STAGE_MODULES = ("final_norms", "lm_head", "llm2vae")
+_PIPELINE_ORDER = {module: i for i, module in enumerate(FIRST_STAGE_MODULES + LAST_STAGE_MODULES + ("layers",))}
+_VOCAB_TABLES = ("embed_tokens.weight", "lm_head.weight")
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class ParamTensor:
     """One parameter tensor of ``ModusModel``."""
 
     numel: int  # elements of the whole tensor (before tp sharding)
+    module: str  # ModusModel's top-level module holding it ("layers", "vit", "lm_head", ...)
     place: str  # "embed" (first stage), "layer" (decoder layer ``layer``) or "head" (last stage)
     layer: int  # decoder layer index; -1 outside the decoder
     sharded: bool  # split over tp ranks (numel must divide by tp)
@@ -103,7 +112,7 @@ class ModelShape:
     embed: ParamCounts  # first stage: token embedding, ViT, connector, 2D input modules, sin-cos tables
     layer: ParamCounts  # one decoder layer, both experts
     head: ParamCounts  # last stage: final norms, LM head, llm2vae
-    vae: int  # frozen autoencoder parameters (first stage, where images are encoded)
+    vae: int  # frozen autoencoder parameters (on every stage: each rank encodes its micro-batches)
     embedding_weight: int  # the token embedding table (a tied LM head repeats it on the last stage)
     expert_linear_weights: int  # weights one token multiplies in one layer: one expert's q, k, v, o, gate, up, down
     vocab_rows: int  # padded vocabulary (rows of the embedding and the LM head)
@@ -131,10 +140,12 @@ class ModelShape:
         return counts
 
     def stage_tensors(self, stage: int, pp: int) -> tuple[ParamTensor, ...]:
-        """Parameter tensors of pipeline stage ``stage`` of ``pp`` in module order, the VAE excluded.
+        """Parameter tensors of pipeline stage ``stage`` of ``pp`` in its module order, the VAE excluded.
 
-        With pp > 1 and tied embeddings the last stage ends with its copy of the shared table
-        (as ``stage`` counts it).
+        pp = 1: ``ModusModel``'s order. pp > 1: ``PipelineStage``'s (the stage's modules of
+        ``FIRST_STAGE_MODULES`` / ``LAST_STAGE_MODULES`` in that order, then its decoder
+        layers), the order DeepSpeed flattens them in. With tied embeddings the last stage
+        ends with its copy of the shared table (as ``stage`` counts it).
         """
         if not 0 <= stage < pp or self.num_layers % pp:
             raise ValueError(f"stage {stage} of pp={pp} does not exist for {self.num_layers} layers")
@@ -147,8 +158,10 @@ class ModelShape:
             return first if t.place == "embed" else last
 
         tensors = tuple(t for t in self.tensors if held(t))
+        if pp > 1:
+            tensors = tuple(sorted(tensors, key=lambda t: _PIPELINE_ORDER[t.module]))  # stable: module order within
         if last and pp > 1 and self.cfg.llm.tie_word_embeddings:
-            tensors += (ParamTensor(self.embedding_weight, "head", -1, sharded=True, trainable=True),)
+            tensors += (ParamTensor(self.embedding_weight, "lm_head", "head", -1, sharded=True, trainable=True),)
         return tensors
 
     def total(self) -> ParamCounts:
@@ -160,20 +173,20 @@ class ModelShape:
         return max(self.largest_sharded // tp, self.largest_replicated)
 
     def vae_params(self, stage: int) -> int:
-        """Frozen VAE parameters held by ``stage`` (the first one encodes the images)."""
-        return self.vae if stage == 0 else 0
+        """Frozen VAE parameters held by ``stage``: all of them on every stage (``training/engine.py``
+        builds the VAE on every rank, and every rank encodes its micro-batches in ``training/loop.py``)."""
+        return self.vae
 
 
 def _classify(name: str) -> tuple[str, bool]:
     """(place, sharded over tp) of a parameter name of ``ModusModel``."""
-    if name in _VOCAB_TABLES:
-        return _VOCAB_TABLES[name], True
-    if _LAYER.match(name):
+    module = name.partition(".")[0]
+    if module == "layers" and _LAYER.match(name):
         return "layer", bool(_LAYER_SHARDED.match(name))
-    if name.startswith(_EMBED_PREFIXES):
-        return "embed", False
-    if name.startswith(_HEAD_PREFIXES):
-        return "head", False
+    if module in FIRST_STAGE_MODULES:
+        return "embed", name in _VOCAB_TABLES
+    if module in LAST_STAGE_MODULES:
+        return "head", name in _VOCAB_TABLES
     raise ValueError(
         f"the planner does not know where parameter {name!r} lives in a pipeline or how tp shards it; "
         f"add it to the rules in modus_mega/plan/shapes.py"
@@ -197,7 +210,7 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
         trainable = param.requires_grad and not (cfg.llm.freeze_1d_expert and _FROZEN_1D_EXPERT.match(name))
         n = param.numel()
         layer = int(_LAYER.match(name).group(1)) if place == "layer" else -1  # type: ignore[union-attr]
-        tensors.append(ParamTensor(n, place, layer, sharded, trainable))
+        tensors.append(ParamTensor(n, name.partition(".")[0], place, layer, sharded, trainable))
         counts = ParamCounts(
             sharded_trainable=n if sharded and trainable else 0,
             replicated_trainable=n if not sharded and trainable else 0,

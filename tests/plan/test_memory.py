@@ -10,14 +10,15 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from modus_mega.config import ModusConfig
 from modus_mega.encoders.vae import FluxAutoEncoder
-from modus_mega.model.layers import SERIAL_LINEARS, rope_cos_sin
+from modus_mega.model.layers import SERIAL_LINEARS, LinearFactory, rope_cos_sin
 from modus_mega.model.modus import ModusModel
-from modus_mega.model.mot import LayerContext, MoTLayer
+from modus_mega.model.mot import LayerContext, MoTLayer, ShardRows
 from modus_mega.ops.attention import AttentionBackend
+from modus_mega.parallel.collectives import SequenceParallelCollectives
 from modus_mega.plan.calibration import Calibration
 from modus_mega.plan.layout import Layout
 from modus_mega.plan.memory import (
@@ -119,6 +120,32 @@ def test_zero3_is_deepspeeds_estimate_plus_gradient_partition_padding_and_persis
     assert gathered - ds.prefetch_bucket_elements * MIXED_BF16.param_bytes == largest_layer
 
 
+@pytest.mark.parametrize("zero", [0, 1])
+def test_pipeline_stages_are_deepspeeds_zero2_estimate_of_their_parameters_plus_the_gradients_kept_whole(
+    shape_7b: ModelShape, zero: int
+) -> None:
+    """DeepSpeed estimates ZeRO 2 and 3 only, which its pipeline engine refuses. Given one stage's
+    parameters P and its dp ranks N, the ZeRO 2 estimate (2P + 18P/N) still holds what a bf16 stage
+    keeps at ZeRO 1, and at ZeRO 0 (whose BF16_Optimizer partitions like ZeRO 1), but for the bf16
+    gradients they keep whole (ZeRO 1: P; ZeRO 0: P plus its flat accumulation buffer F, not P/N)
+    and the flat buffer's padding."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    b = MIXED_BF16
+    for pp, dp in ((2, 8), (4, 64)):
+        layout = _layout(pp=pp, dp=dp, zero=zero)
+        for stage in range(pp):
+            params = sum(t.numel for t in shape_7b.stage_tensors(stage, pp) if t.trainable)
+            flat = flat_numel(params, dp)
+            e = zero_elements(shape_7b, layout, stage, b)
+            ours = e.weights * b.param_bytes + e.gradients * b.grad_bytes + e.master * b.master_bytes
+            ours += e.optimizer * b.optimizer_bytes + 4 * e.master  # + the step's fp32 gradient partition
+            _, deepspeed_gpu = estimate_zero2_model_states_mem_needs(params, dp, 1, cpu_offload=False)
+            whole = params + (flat if zero == 0 else 0)  # bf16 gradient elements kept unpartitioned
+            extra = 2 * (flat - params) + 16 * (flat - params) / dp + 2 * (whole - params / dp)
+            assert ours - deepspeed_gpu == pytest.approx(extra, abs=1), (pp, dp, stage)  # DeepSpeed rounds 18P/N down
+
+
 def test_zero12_gradient_buffers_equal_an_element_by_element_count() -> None:
     """Whole tensors overlapping each rank's range, and zeros for its padding, counted the slow way."""
     for sizes, dp in [((5, 3, 8, 1, 7), 2), ((5, 3, 8, 1, 7), 4), ((1, 1, 1), 4), ((30, 2, 2), 3), ((9,), 8)]:
@@ -188,32 +215,83 @@ class _FlashLike(torch.autograd.Function):
         raise NotImplementedError("forward-only test double")
 
 
+def _layer_context(llm: Any, tokens: int, shard: ShardRows | None = None) -> LayerContext:
+    """A micro-batch of ``tokens`` where a third use the 2D expert, each token attending itself."""
+    expert_ids = (torch.arange(tokens) % 3 == 0).long()
+    index, unpermute = LayerContext.route(expert_ids)
+    cos, sin = rope_cos_sin(torch.arange(tokens), llm.head_dim, llm.rope_theta, torch.bfloat16)
+    backend = _FlashLikeAttention()
+    lo = torch.arange(tokens, dtype=torch.int32)
+    return LayerContext(index, unpermute, cos, sin, backend, backend.prepare(lo, lo + 1), shard)
+
+
+def _saved_bytes(layer: MoTLayer, x: Tensor, ctx: LayerContext) -> int:
+    """Bytes autograd keeps for backward after ``layer(x, ctx)``: weights and the shared context excluded.
+
+    Counted once the forward is over, so a storage freed by then (sequence parallelism's
+    gathered tokens, rebuilt in backward) counts zero.
+    """
+    context = [ctx.cos, ctx.sin, ctx.unpermute, *ctx.expert_index, ctx.shard.unpermute, *ctx.shard.expert_index]
+    excluded = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *context]}
+    saved: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, ctx)
+    return sum(storage.nbytes() for storage in saved.values())
+
+
 def test_decoder_layer_activations_equal_saved_tensors(tiny_config: ModusConfig) -> None:
     """Bytes autograd keeps for one MoT layer (bf16) = the formula, exactly (weights and shared context excluded)."""
     llm = tiny_config.model.llm
     tokens = 96
     layer = MoTLayer(llm, SERIAL_LINEARS).to(torch.bfloat16)
-    expert_ids = (torch.arange(tokens) % 3 == 0).long()  # a third of the tokens use the 2D expert
-    index, unpermute = LayerContext.route(expert_ids)
-    cos, sin = rope_cos_sin(torch.arange(tokens), llm.head_dim, llm.rope_theta, torch.bfloat16)
-    backend = _FlashLikeAttention()
-    lo = torch.arange(tokens, dtype=torch.int32)
-    ctx = LayerContext(index, unpermute, cos, sin, backend, backend.prepare(lo, lo + 1))
     x = torch.randn(tokens, llm.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-
-    excluded = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), cos, sin, unpermute, *index]}
-    saved: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x, ctx)
     shape = model_shape(tiny_config.model)
-    assert sum(saved.values()) == decoder_layer_bytes_per_token(shape, _layout(), MIXED_BF16) * tokens
+    expected = decoder_layer_bytes_per_token(shape, _layout(), MIXED_BF16) * tokens
+    assert _saved_bytes(layer, x, _layer_context(llm, tokens)) == expected
+
+
+class _OneRankOfTwo(SequenceParallelCollectives):
+    """Sequence parallelism as tp rank 0 of 2 sees it, in one process: the other rank's rows are copies of ours.
+
+    The values are not the real ones; the shapes, and so the saved bytes, are.
+    """
+
+    def __init__(self) -> None:
+        self.group, self.num_shards, self.shard = None, 2, 0
+
+    def all_gather(self, rows: Tensor) -> Tensor:
+        return rows.repeat(2, 1)
+
+    def reduce_scatter(self, full: Tensor) -> Tensor:
+        return full[: full.shape[0] // 2] + full[full.shape[0] // 2 :]
+
+
+def test_sequence_parallel_decoder_layer_activations_equal_saved_tensors(tiny_config: ModusConfig) -> None:
+    """With sequence parallelism at tp = 2 one rank keeps the formula's bytes, exactly: its norms and
+    residual rows are half the sequence, and the gathered tokens its linears saved are freed until backward."""
+    llm, tp = tiny_config.model.llm, 2
+    tokens = 96
+    collectives = _OneRankOfTwo()
+    linears = LinearFactory(
+        column=lambda i, o, bias: nn.Linear(i, o // tp, bias=bias),
+        row=lambda i, o, bias: nn.Linear(i // tp, o, bias=bias),
+        embedding=nn.Embedding,
+        tp_size=tp,
+        collectives=collectives,
+    )
+    layer = MoTLayer(llm, linears).to(torch.bfloat16)
+    shard = ShardRows.of((torch.arange(tokens) % 3 == 0).long(), tp, collectives.shard)
+    x = torch.randn(tokens // tp, llm.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    shape = model_shape(tiny_config.model)
+    expected = decoder_layer_bytes_per_token(shape, _layout(tp=tp, sp=True), MIXED_BF16) * tokens
+    assert _saved_bytes(layer, x, _layer_context(llm, tokens, shard)) == expected
 
 
 def _sweep_layouts(config: ModusConfig) -> list[Layout]:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
-from modus_mega.config import ModusConfig, ParallelConfig, load_config
+from modus_mega.config import ModusConfig, load_config, save_config
 from modus_mega.plan.__main__ import main
 from modus_mega.plan.calibration import Calibration
 from modus_mega.plan.layout import Layout
-from modus_mega.plan.search import Plan, PlanOptions, layout_config, missing_fields, plan
+from modus_mega.plan.search import Plan, PlanOptions, layout_config, plan
 from modus_mega.plan.shapes import ModelShape
 from tests.conftest import REPO
 
@@ -31,8 +30,7 @@ def test_ranked_layouts_fit_and_are_sorted(plan_256: Plan, h100: Calibration) ->
     for candidate in ranked:
         assert candidate.layout.gpus == 256 and candidate.memory.peak <= h100.usable_bytes  # type: ignore[union-attr]
         assert 0 < candidate.step.mfu(256, h100.peak_tflops) < 1  # type: ignore[union-attr]
-    best = plan_256.best()
-    assert best is not None and best.expressible
+    assert plan_256.best() is ranked[0]
 
 
 def test_every_rejection_names_its_reason(plan_256: Plan, h100: Calibration) -> None:
@@ -63,31 +61,38 @@ def test_small_budgets_and_oversized_batches_are_rejected(config_7b: ModusConfig
     assert any(r.startswith("batch:") and "exceeds the target" in r for r in by_budget[16384].reasons)
 
 
-def test_best_layout_becomes_a_config_the_launcher_loads(plan_256: Plan, config_7b: ModusConfig, tmp_path: Path) -> None:
-    from modus_mega.config import save_config
+def _written(cfg: ModusConfig, layout: Layout, path: Path) -> ModusConfig:
+    """``layout_config`` saved to ``path`` and loaded back as the launcher loads it."""
+    save_config(layout_config(cfg, layout), path)
+    return load_config(path)
 
+
+def _assert_carries(loaded: ModusConfig, layout: Layout) -> None:
+    par = loaded.parallel
+    assert (par.tp, par.pp, par.zero_stage) == (layout.tp, layout.pp, layout.zero_stage)
+    assert (par.sequence_parallel, par.recompute, par.recompute_layers) == (layout.sequence_parallel, layout.recompute, 0)
+    assert (loaded.data.token_budget, loaded.training.grad_accum_steps) == (layout.token_budget, layout.grad_accum)
+
+
+def test_best_layout_becomes_a_config_the_launcher_loads(plan_256: Plan, config_7b: ModusConfig, tmp_path: Path) -> None:
     best = plan_256.best()
     assert best is not None
-    path = tmp_path / "best.json"
-    save_config(layout_config(config_7b, best.layout), path)
-    loaded = load_config(path)
-    layout = best.layout
-    assert (loaded.parallel.tp, loaded.parallel.pp, loaded.parallel.zero_stage) == (layout.tp, layout.pp, layout.zero_stage)
-    assert (loaded.data.token_budget, loaded.training.grad_accum_steps) == (layout.token_budget, layout.grad_accum)
+    loaded = _written(config_7b, best.layout, tmp_path / "best.json")
+    _assert_carries(loaded, best.layout)
     assert loaded.model == config_7b.model
 
 
-def test_layouts_needing_absent_fields_are_not_written(config_7b: ModusConfig) -> None:
-    layout = Layout(4, 1, 64, 1, True, "full", 32768, 2)
-    have = {f.name for f in dataclasses.fields(ParallelConfig)}
-    absent = [f for f in ("sequence_parallel", "recompute") if f not in have]
-    assert missing_fields(layout) == tuple(f"parallel.{f}" for f in absent)
-    if absent:
-        with pytest.raises(ValueError, match=f"parallel.{absent[0]}"):
-            layout_config(config_7b, layout)
-    else:
-        out = layout_config(config_7b, layout)
-        assert out.parallel.sequence_parallel is True and out.parallel.recompute == "full"  # type: ignore[attr-defined]
+@pytest.mark.parametrize(
+    "layout",
+    [Layout(4, 1, 64, 1, True, "full", 32768, 2), Layout(2, 2, 64, 1, False, "none", 16384, 4)],
+    ids=lambda layout: layout.describe(),
+)
+def test_written_config_carries_sequence_parallel_and_recompute(config_7b: ModusConfig, layout: Layout, tmp_path: Path) -> None:
+    """Both switches are written over a config that set them the other way, with recompute_layers (planned: all)."""
+    other = Layout(2, 1, 128, 1, not layout.sequence_parallel, "none" if layout.recompute == "full" else "full", 16384, 2)
+    cfg = layout_config(config_7b, other)
+    cfg.parallel.recompute_layers = 3
+    _assert_carries(_written(cfg, layout, tmp_path / "layout.json"), layout)
 
 
 def test_cli_writes_the_best_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
