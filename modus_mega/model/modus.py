@@ -13,6 +13,8 @@ Parameter names follow BAGEL's (``modus_mega/convert`` holds the key map).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor, nn
 
@@ -20,7 +22,7 @@ from modus_mega.config import ModelConfig
 from modus_mega.encoders.vit import SiglipNaViT
 from modus_mega.model.embeddings import MLPConnector, SinCos2DPositionEmbedding, TimestepEmbedder
 from modus_mega.model.inputs import TOKEN_TEXT, TOKEN_VAE, TOKEN_VIT, ModelInputs
-from modus_mega.model.layers import SERIAL_LINEARS, LinearFactory, RMSNorm
+from modus_mega.model.layers import SERIAL_LINEARS, Collectives, LinearFactory, RMSNorm
 from modus_mega.model.mot import EXPERT_1D, EXPERT_2D, NUM_EXPERTS, LayerContext, MoTLayer
 from modus_mega.ops.attention import AttentionBackend, get_attention_backend
 from modus_mega.vocab import build_vocabulary
@@ -67,28 +69,8 @@ class ModusModel(nn.Module):
     # ------------------------------------------------------------------ stages
 
     def embed(self, inputs: ModelInputs) -> Tensor:
-        """Input embeddings [T, D]: text ids, ViT patches and noised VAE latents, in sequence order.
-
-        The ViT and the 2D input modules run on every call, even with zero tokens, so
-        every rank takes part in the same collectives (DESIGN §6).
-        """
-        token_type = inputs.token_type
-        text_index = torch.nonzero(token_type == TOKEN_TEXT, as_tuple=True)[0]
-        vit_index = torch.nonzero(token_type == TOKEN_VIT, as_tuple=True)[0]
-        vae_index = torch.nonzero(token_type == TOKEN_VAE, as_tuple=True)[0]
-
-        text = self.embed_tokens(inputs.input_ids.index_select(0, text_index))  # [N_text, D]
-        vit = self.vit(inputs.vit_patches, inputs.vit_position_ids, inputs.vit_cu_seqlens)
-        vit = self.connector(vit) + self.vit_pos_embed(inputs.vit_position_ids)  # [N_vit, D]
-        vae = (
-            self.vae2llm(inputs.vae_tokens)
-            + self.time_embedder(inputs.vae_timesteps)
-            + self.latent_pos_embed(inputs.vae_position_ids)
-        )  # [N_vae, D]
-
-        rows = torch.cat([text, vit.to(text.dtype), vae.to(text.dtype)])
-        order = torch.argsort(torch.cat([text_index, vit_index, vae_index]))
-        return rows[order]
+        """Input embeddings [T, D] (``embed_inputs``)."""
+        return embed_inputs(self, inputs)
 
     def decode(self, hidden: Tensor, ctx: LayerContext) -> Tensor:
         """Run every decoder layer: [T, D] -> [T, D], on this rank's rows [R, D] in between."""
@@ -98,14 +80,8 @@ class ModusModel(nn.Module):
         return self.collectives.gather(rows, hidden.shape[0])
 
     def heads(self, hidden: Tensor, ce_index: Tensor, mse_index: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits [N_ce, V] at positions that predict a 1D token, velocities [N_mse, P] at noisy 2D tokens.
-
-        ``ce_index`` positions are 1D-expert tokens and ``mse_index`` positions 2D-expert
-        tokens (the document builder guarantees it), so each gets its own expert's final norm.
-        """
-        logits = self.lm_head(self.collectives.copy(self.final_norms[EXPERT_1D](hidden.index_select(0, ce_index))))
-        velocity = self.llm2vae(self.final_norms[EXPERT_2D](hidden.index_select(0, mse_index)))
-        return logits, velocity
+        """Logits [N_ce, V] and velocities [N_mse, P] (``output_heads``)."""
+        return output_heads(self, hidden, ce_index, mse_index)
 
     def forward(
         self, inputs: ModelInputs, ce_index: Tensor, mse_index: Tensor, attention: AttentionBackend | None = None
@@ -121,3 +97,65 @@ class ModusModel(nn.Module):
         hidden = self.decode(self.embed(inputs), ctx)
         normed = [norm(hidden.index_select(0, index)) for norm, index in zip(self.final_norms, ctx.expert_index)]
         return torch.cat(normed)[ctx.unpermute]
+
+
+# ----------------------------------------------------------------------------- the ends of the model
+# Free functions over the modules they read, so a pipeline stage holding those modules under
+# the same names (``parallel/pipeline.py``) runs the model's own code.
+
+
+class EmbeddingModules(Protocol):
+    """What ``embed_inputs`` reads: a ``ModusModel``, or the first pipeline stage."""
+
+    embed_tokens: nn.Module
+    vit: SiglipNaViT
+    connector: MLPConnector
+    vit_pos_embed: SinCos2DPositionEmbedding
+    vae2llm: nn.Linear
+    time_embedder: TimestepEmbedder
+    latent_pos_embed: SinCos2DPositionEmbedding
+
+
+class HeadModules(Protocol):
+    """What ``output_heads`` reads: a ``ModusModel``, or the last pipeline stage."""
+
+    final_norms: nn.ModuleList
+    lm_head: nn.Module
+    llm2vae: nn.Linear
+    collectives: Collectives
+
+
+def embed_inputs(m: EmbeddingModules, inputs: ModelInputs) -> Tensor:
+    """Input embeddings [T, D]: text ids, ViT patches and noised VAE latents, in sequence order.
+
+    The ViT and the 2D input modules run on every call, even with zero tokens, so
+    every rank takes part in the same collectives (DESIGN §6).
+    """
+    token_type = inputs.token_type
+    text_index = torch.nonzero(token_type == TOKEN_TEXT, as_tuple=True)[0]
+    vit_index = torch.nonzero(token_type == TOKEN_VIT, as_tuple=True)[0]
+    vae_index = torch.nonzero(token_type == TOKEN_VAE, as_tuple=True)[0]
+
+    text = m.embed_tokens(inputs.input_ids.index_select(0, text_index))  # [N_text, D]
+    vit = m.vit(inputs.vit_patches, inputs.vit_position_ids, inputs.vit_cu_seqlens)
+    vit = m.connector(vit) + m.vit_pos_embed(inputs.vit_position_ids)  # [N_vit, D]
+    vae = (
+        m.vae2llm(inputs.vae_tokens)
+        + m.time_embedder(inputs.vae_timesteps)
+        + m.latent_pos_embed(inputs.vae_position_ids)
+    )  # [N_vae, D]
+
+    rows = torch.cat([text, vit.to(text.dtype), vae.to(text.dtype)])
+    order = torch.argsort(torch.cat([text_index, vit_index, vae_index]))
+    return rows[order]
+
+
+def output_heads(m: HeadModules, hidden: Tensor, ce_index: Tensor, mse_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits [N_ce, V] at positions that predict a 1D token, velocities [N_mse, P] at noisy 2D tokens.
+
+    ``ce_index`` positions are 1D-expert tokens and ``mse_index`` positions 2D-expert
+    tokens (the document builder guarantees it), so each gets its own expert's final norm.
+    """
+    logits = m.lm_head(m.collectives.copy(m.final_norms[EXPERT_1D](hidden.index_select(0, ce_index))))
+    velocity = m.llm2vae(m.final_norms[EXPERT_2D](hidden.index_select(0, mse_index)))
+    return logits, velocity

@@ -56,18 +56,17 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import Tensor, nn
 
 from modus_mega.config import ModusConfig
-from modus_mega.modalities import NUM_MODALITIES
 from modus_mega.model.init import init_weights
 from modus_mega.model.inputs import ModelInputs
 from modus_mega.model.layers import LinearFactory
 from modus_mega.model.mot import LayerContext
-from modus_mega.model.modus import ModusModel
+from modus_mega.model.modus import ModusModel, embed_inputs, output_heads
 from modus_mega.ops.attention import get_attention_backend
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.recompute import apply_activation_checkpointing
 from modus_mega.parallel.tensor_parallel import apply_tensor_parallel, cross_entropy_fn, init_hooks
 from modus_mega.training.failures import NonFiniteGuard
-from modus_mega.training.losses import CrossEntropyFn, LossBreakdown, modus_loss
+from modus_mega.training.losses import NUM_LOSS_SUMS, CrossEntropyFn, loss_sums, modus_loss
 from modus_mega.training.prepare import StepInputs
 
 # ModusModel's modules by stage (besides the decoder layers); together they are all of them.
@@ -78,10 +77,6 @@ HEAD_MODULES = ("final_norms", "lm_head", "llm2vae")
 
 # Bits of ``target_roles``: the token predicts a 1D target (CE) / is a noisy 2D target (MSE).
 ROLE_CE, ROLE_MSE = 1, 2
-
-# Length of ``loss_sums``: [loss, ce_sum, mse_sum, per-modality sums..., per-modality counts...].
-NUM_LOSS_SUMS = 3 + 2 * NUM_MODALITIES
-
 
 class StageActivations(NamedTuple):
     """What one stage sends the next for one micro-batch; all [T] but ``hidden`` [R, D]."""
@@ -157,7 +152,7 @@ class PipelineStage(nn.Module):
     """One pipeline stage: a slice of a (meta-built) ``ModusModel``, allocated on ``device``.
 
     Holds the model's modules under the model's attribute names, so the model's own
-    ``embed`` and ``heads`` run on it unchanged. The first stage takes a ``StageInputs``,
+    ``embed_inputs`` and ``output_heads`` run on it unchanged. The first stage takes a ``StageInputs``,
     every other stage a ``StageActivations``; the last stage returns (logits [N_ce, V/tp],
     velocity [N_mse, P]), every other stage a ``StageActivations``.
     """
@@ -179,8 +174,7 @@ class PipelineStage(nn.Module):
         if self.is_first:
             inputs = StageInputs(*micro_batch)
             model_inputs = ModelInputs(**{k: v for k, v in inputs._asdict().items() if k != "target_roles"})
-            # The model's own code: this stage holds its embedding modules under the same names.
-            hidden = self.collectives.scatter(ModusModel.embed(self, model_inputs))  # type: ignore[arg-type]
+            hidden = self.collectives.scatter(embed_inputs(self, model_inputs))
             x = StageActivations(
                 hidden, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi, inputs.target_roles
             )
@@ -196,7 +190,7 @@ class PipelineStage(nn.Module):
             ce_index = torch.nonzero(x.target_roles & ROLE_CE, as_tuple=True)[0]
             mse_index = torch.nonzero(x.target_roles & ROLE_MSE, as_tuple=True)[0]
             hidden = self.collectives.gather(hidden, x.token_type.numel())
-            return ModusModel.heads(self, hidden, ce_index, mse_index)  # type: ignore[arg-type]
+            return output_heads(self, hidden, ce_index, mse_index)
         return x._replace(hidden=hidden)
 
     def _layer_context(self, x: StageActivations) -> LayerContext:
@@ -243,12 +237,6 @@ class PipelineLoss:
         if self.guard is not None:
             self.guard.observe_loss(terms.loss)
         return terms.loss * self.backward_scale
-
-
-def loss_sums(terms: LossBreakdown) -> Tensor:
-    """[loss, ce_sum, mse_sum, modality sums..., modality counts...] float64 (``training/loop.py``'s layout)."""
-    head = torch.stack([terms.loss.detach(), terms.ce_sum, terms.mse_sum]).double()
-    return torch.cat([head, terms.modality_sum.double(), terms.modality_count.double()])
 
 
 class ModusPipeline(PipelineModule):

@@ -44,7 +44,7 @@ from modus_mega.training.checkpoint import (
 )
 from modus_mega.training.engine import build_engine
 from modus_mega.training.failures import BadStepCounter
-from modus_mega.training.losses import modus_loss
+from modus_mega.training.losses import NUM_LOSS_SUMS, loss_sums, modus_loss
 from modus_mega.training.metrics import JsonlLog, plot_loss_curves, read_jsonl
 from modus_mega.training.observability import ThroughputMeter, WandbRun
 from modus_mega.training.prepare import prepare_step_inputs
@@ -127,7 +127,7 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
             if engine.pipeline is not None:  # pp > 1: DeepSpeed's pipeline runs the micro-batches through the stages
                 sums = engine.train_batch(steps_inputs, int(global_ce), int(global_mse))
             else:
-                sums = torch.zeros(3 + 2 * len(MODALITY_NAMES), dtype=torch.float64)
+                sums = torch.zeros(NUM_LOSS_SUMS, dtype=torch.float64)
                 for inputs in steps_inputs:
                     logits, velocity = engine.forward(inputs.model, inputs.ce_index, inputs.mse_index)
                     terms = modus_loss(
@@ -139,8 +139,7 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
                     engine.backward(terms.loss)
                     del logits, velocity  # not alive through the next micro-batch's forward
                     engine.step()
-                    sums[:3] += torch.tensor([float(terms.loss.detach()), float(terms.ce_sum), float(terms.mse_sum)])
-                    sums[3:] += torch.cat([terms.modality_sum.cpu(), terms.modality_count.cpu()]).double()
+                    sums += loss_sums(terms).cpu()
             totals = ctx.all_reduce_dp(sums.tolist())
             skips = ctx.all_reduce_dp(skip_counts(loader))  # [len(SKIP_REASONS)]
             elapsed = time.perf_counter() - start

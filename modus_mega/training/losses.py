@@ -77,3 +77,13 @@ def modus_loss(
         modality_sum=modality_sum,
         modality_count=modality_count,
     )
+
+
+# Length of ``loss_sums``: [loss, ce_sum, mse_sum, per-modality sums..., per-modality counts...].
+NUM_LOSS_SUMS = 3 + 2 * NUM_MODALITIES
+
+
+def loss_sums(terms: LossBreakdown) -> Tensor:
+    """One micro-batch's terms as [NUM_LOSS_SUMS] float64, the vector the loop sums over micro-batches and dp."""
+    head = torch.stack([terms.loss.detach(), terms.ce_sum, terms.mse_sum]).double()
+    return torch.cat([head, terms.modality_sum.double(), terms.modality_count.double()])

@@ -45,27 +45,18 @@ from modus_mega.training.checkpoint import TrainerState, checkpoint_root, save_c
 from modus_mega.training.engine import build_engine
 from modus_mega.training.loop import train
 from tests.convert.helpers import TOKENIZER_FILES, random_reference, tiny_config, write_release
-from tests.distributed.helpers import run_distributed
+from tests.distributed.helpers import config_with, run_distributed
 
 EMA_DECAY = 0.75
 NEW_ROWS_SEED = 3
 TAG = "checkpoints/step_00000000"
 
 
-def _config(raw: dict, run_dir: Path, overrides: dict) -> ModusConfig:
-    cfg = config_from_dict(copy.deepcopy(raw))
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        setattr(getattr(cfg, section), field, value)
-    cfg.training.run_dir = str(run_dir)
-    return cfg
-
-
 def _run_layouts(
     raw: dict, out: Path, layouts: dict[str, dict], action: Callable[[ModusConfig, ParallelContext], None]
 ) -> None:
     for name, overrides in layouts.items():
-        cfg = _config(raw, out / name, overrides)
+        cfg = config_with(raw, overrides, out / name)
         ctx = ParallelContext.initialize(cfg.parallel)
         try:
             action(cfg, ctx)
@@ -299,7 +290,7 @@ def test_to_bagel_needs_a_run_started_from_bagel(tp_runs: Path, tmp_path: Path, 
 def test_a_resumed_run_reads_only_the_vae_from_the_release(release, tmp_path: Path) -> None:
     """The frozen VAE is not in the DeepSpeed checkpoint: a resumed run must still get BAGEL's, not the seeded one."""
     _, raw, expected = release
-    cfg = _config(raw, tmp_path / "run", {})
+    cfg = config_with(raw, {}, tmp_path / "run")
     checkpoint_root(cfg).mkdir(parents=True)
     (checkpoint_root(cfg) / "latest").write_text("step_00000001")  # the model's weights would come from here
     ctx = ParallelContext.initialize(cfg.parallel)
@@ -323,6 +314,6 @@ def test_bagel_dir_is_validated_and_skipped_on_resume(release, tp_runs: Path, tm
     bad["init"]["bagel_dir"] = str(tmp_path / "empty")
     with pytest.raises(ValueError, match=r"init\.bagel_dir: .*empty lacks ema\.safetensors, ae\.safetensors"):
         config_from_dict(bad)
-    assert resumes_from_checkpoint(_config(raw, tp_runs / "tp2", {}))  # its latest exists: BAGEL is not read
-    assert not resumes_from_checkpoint(_config(raw, tp_runs / "tp2", {"training.resume": False}))
-    assert not resumes_from_checkpoint(_config(raw, tmp_path / "fresh", {}))
+    assert resumes_from_checkpoint(config_with(raw, {}, tp_runs / "tp2"))  # its latest exists: BAGEL is not read
+    assert not resumes_from_checkpoint(config_with(raw, {"training.resume": False}, tp_runs / "tp2"))
+    assert not resumes_from_checkpoint(config_with(raw, {}, tmp_path / "fresh"))

@@ -14,12 +14,16 @@ letting rank 0 bind it later raced with other tests doing the same at the same t
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from modus_mega.config import ModusConfig, config_from_dict
 
 
 @contextlib.contextmanager
@@ -50,3 +54,13 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None
     """Run ``fn(*args)`` on ``world_size`` spawned ranks; raise if any rank raised."""
     with rendezvous_store() as store_env:
         mp.spawn(_entry, args=(world_size, store_env, fn, args), nprocs=world_size, join=True)
+
+
+def config_with(raw: dict[str, Any], overrides: dict[str, Any], run_dir: Path) -> ModusConfig:
+    """The config ``raw`` with ``{"section.field": value}`` overrides, training in ``run_dir``."""
+    cfg = config_from_dict(copy.deepcopy(raw))
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        setattr(getattr(cfg, section), field, value)
+    cfg.training.run_dir = str(run_dir)
+    return cfg

@@ -28,14 +28,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from modus_mega.config import ModusConfig, config_from_dict, config_to_dict
+from modus_mega.config import config_from_dict, config_to_dict
 from modus_mega.model.init import init_weights
 from modus_mega.model.modus import ModusModel
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.pipeline import build_pipeline_model, global_parameter_name
 from modus_mega.parallel.tensor_parallel import build_linears
 from modus_mega.training.loop import train
-from tests.distributed.helpers import run_distributed
+from tests.distributed.helpers import config_with, run_distributed
 
 STEPS = 4
 RESUME_AT = 2
@@ -44,17 +44,8 @@ PP2_ZERO1 = {"parallel.pp": 2, "parallel.zero_stage": 1, "parallel.recompute": "
 TP2_PP2 = {"parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1}
 
 
-def _config(raw: dict, overrides: dict, run_dir: Path) -> ModusConfig:
-    cfg = config_from_dict(copy.deepcopy(raw))
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        setattr(getattr(cfg, section), field, value)
-    cfg.training.run_dir = str(run_dir)
-    return cfg
-
-
 def _train(raw: dict, overrides: dict, run_dir: Path) -> None:
-    cfg = _config(raw, overrides, run_dir)
+    cfg = config_with(raw, overrides, run_dir)
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
         train(cfg, ctx)
@@ -78,7 +69,7 @@ def _two_rank_worker(raw: dict, out: str) -> None:
     _train(raw, PP2, root / "pp2_resumed")
 
     # The stages' weights right after initialisation, under their global names.
-    cfg = _config(raw, PP2, root / "init")
+    cfg = config_with(raw, PP2, root / "init")
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
         pipeline = build_pipeline_model(cfg, ctx, build_linears(ctx, cfg.model.llm))

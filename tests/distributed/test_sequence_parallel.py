@@ -39,7 +39,7 @@ from modus_mega.parallel.tensor_parallel import (
 )
 from modus_mega.training.losses import modus_loss, serial_cross_entropy
 from modus_mega.training.loop import train
-from tests.distributed.helpers import run_distributed
+from tests.distributed.helpers import config_with, run_distributed
 from tests.model.helpers import step_inputs
 
 TP = 2
@@ -151,11 +151,7 @@ def test_loss_and_gradients_match_serial(results: list[dict], twin: str) -> None
 
 
 def _train(raw: dict, overrides: dict, run_dir: Path) -> None:
-    cfg = config_from_dict(copy.deepcopy(raw))
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        setattr(getattr(cfg, section), field, value)
-    cfg.training.run_dir = str(run_dir)
+    cfg = config_with(raw, overrides, run_dir)
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
         train(cfg, ctx)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_optimizer_state
 from megatron.core import parallel_state
 
-from modus_mega.config import ModusConfig, config_from_dict, config_to_dict
+from modus_mega.config import ModusConfig, config_to_dict
 from modus_mega.convert.__main__ import main
 from modus_mega.convert.deepspeed_run import ADAM_STATES
 from modus_mega.convert.universal import EMA_DIR, FP32, read_tensor, write_universal
@@ -45,7 +45,7 @@ from modus_mega.parallel.tensor_parallel import init_hooks
 from modus_mega.training.checkpoint import UNIVERSAL_DIR, load_checkpoint, run_checkpoints
 from modus_mega.training.engine import TrainEngine, build_engine
 from modus_mega.training.loop import train
-from tests.distributed.helpers import run_distributed
+from tests.distributed.helpers import config_with, run_distributed
 
 STEPS = 4
 SAVED_AT = 2
@@ -58,17 +58,8 @@ DP2_ZERO2 = {"parallel.zero_stage": 2}
 RESUMES = {"tp2_as_pp2": ("tp2", TP2, PP2), "dp2_zero1_as_zero2": ("dp2_zero1", DP2_ZERO1, DP2_ZERO2)}
 
 
-def _config(raw: dict, overrides: dict, run_dir: Path) -> ModusConfig:
-    cfg = config_from_dict(copy.deepcopy(raw))
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        setattr(getattr(cfg, section), field, value)
-    cfg.training.run_dir = str(run_dir)
-    return cfg
-
-
 def _with_context(raw: dict, overrides: dict, run_dir: Path, action) -> None:
-    cfg = _config(raw, overrides, run_dir)
+    cfg = config_with(raw, overrides, run_dir)
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
         action(cfg, ctx)
