@@ -16,13 +16,18 @@ in the packer; and the skip counters. ``load_state_dict`` restarts each worker a
 position, rotates the physical workers so the round-robin continues where it stopped, and
 rebuilds the waiting documents from their origins. The restored loader yields exactly
 the micro-batches the uninterrupted one would have yielded next.
+
+Another layout. A state is only meaningful at its (dp size, num_workers, seed);
+``data/reshard.py`` turns the states of all old dp ranks into states of a new layout. Its
+one hook here: a worker's position may hold ``carried`` pieces (``[epoch, shard, first
+sample]``: the old layout's unread work), which the worker reads before its own shards.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -45,6 +50,15 @@ class WorkerPosition:
     epoch: int = 0
     shard_slot: int = 0  # index into this worker's shards of the epoch
     sample: int = 0  # next sample position inside that shard
+    # [epoch, shard, first sample] pieces read before the position above: work another layout left (data/reshard.py)
+    carried: list[list[int]] = field(default_factory=list)
+
+    def after(self, item: "WorkerItem") -> "WorkerPosition":
+        """The position once ``item``, this worker's next sample, was read."""
+        if item.carried_left is None:
+            return WorkerPosition(item.epoch, item.shard_slot, item.position + 1)
+        rest = self.carried[len(self.carried) - item.carried_left :]  # the carried pieces after the item's
+        return replace(self, carried=[[item.epoch, item.shard, item.position + 1], *rest])
 
 
 @dataclass
@@ -53,11 +67,12 @@ class WorkerItem:
 
     worker: int  # logical worker id
     epoch: int
-    shard_slot: int
+    shard_slot: int  # -1 for a sample of a carried piece
     shard: int
     position: int
     document: Document | None  # None: the sample was unusable (counted in ``skipped``)
     skipped: dict[str, int] = field(default_factory=dict)  # samples skipped (by reason) since the last item
+    carried_left: int | None = None  # a carried piece's sample: how many carried pieces follow; None: own shards
 
 
 def epoch_shards(seed: int, epoch: int, num_shards: int) -> list[int]:
@@ -134,21 +149,27 @@ class PackedLoader:
         return doc
 
     def worker_items(self, logical: int, start: WorkerPosition) -> Iterator[WorkerItem]:
-        """Every sample of one logical worker from ``start`` on, epoch after epoch."""
+        """Every sample of one logical worker from ``start`` on: its carried pieces, then epoch after epoch."""
+        reported = Counter(self.source.counter.skipped)
+        for epoch, shard_slot, shard, sample_start, carried_left in self._pieces(logical, start):
+            for position, sample in self.source.samples(shard, sample_start, epoch):
+                doc = self._build(sample, epoch, shard, position)
+                if sample is not None and doc is None:
+                    self.source.counter.skipped["no_usable_target"] += 1
+                now = Counter(self.source.counter.skipped)
+                delta, reported = dict(now - reported), now
+                yield WorkerItem(logical, epoch, shard_slot, shard, position, doc, delta, carried_left)
+
+    def _pieces(self, logical: int, start: WorkerPosition) -> Iterator[tuple[int, int, int, int, int | None]]:
+        """``(epoch, shard_slot, shard, first sample, carried_left)`` of each shard run one worker reads, in order."""
+        for index, (epoch, shard, sample_start) in enumerate(start.carried):
+            yield epoch, -1, shard, sample_start, len(start.carried) - 1 - index
         slot = self.dp_rank * self.num_logical_workers + logical
         epoch, shard_slot, sample_start = start.epoch, start.shard_slot, start.sample
-        reported = Counter(self.source.counter.skipped)
         while True:
             shards = epoch_shards(self.data.seed, epoch, self.source.num_shards)[slot :: self.num_slots]
             while shard_slot < len(shards):
-                shard = shards[shard_slot]
-                for position, sample in self.source.samples(shard, sample_start, epoch):
-                    doc = self._build(sample, epoch, shard, position)
-                    if sample is not None and doc is None:
-                        self.source.counter.skipped["no_usable_target"] += 1
-                    now = Counter(self.source.counter.skipped)
-                    delta, reported = dict(now - reported), now
-                    yield WorkerItem(logical, epoch, shard_slot, shard, position, doc, delta)
+                yield epoch, shard_slot, shards[shard_slot], sample_start, None
                 shard_slot, sample_start = shard_slot + 1, 0
             epoch, shard_slot = epoch + 1, 0
 
@@ -166,7 +187,7 @@ class PackedLoader:
 
     def __iter__(self) -> Iterator[PackedBatch]:
         for item in self._items():
-            self.positions[item.worker] = WorkerPosition(item.epoch, item.shard_slot, item.position + 1)
+            self.positions[item.worker] = self.positions[item.worker].after(item)
             self.next_worker = (item.worker + 1) % self.num_logical_workers
             self.skipped.update(item.skipped)
             if item.document is not None:
@@ -187,16 +208,21 @@ class PackedLoader:
             "pending": [list(d.origin) for d in self.packer.pending],
             "skipped": dict(self.skipped),
             "dropped": dict(self.packer.dropped),
-            "layout": {"dp_size": self.dp_size, "num_workers": self.num_logical_workers, "seed": self.data.seed},
+            "layout": self.layout,
         }
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """What a state is only meaningful under (``data/reshard.py`` moves one to another dp size or worker count)."""
+        return {"dp_size": self.dp_size, "num_workers": self.num_logical_workers, "seed": self.data.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` was taken; the layout must match."""
-        expected = {"dp_size": self.dp_size, "num_workers": self.num_logical_workers, "seed": self.data.seed}
-        if state["layout"] != expected:
+        if state["layout"] != self.layout:
             raise ValueError(
-                f"loader state was saved with {state['layout']} but this run has {expected}; an exact resume "
-                "needs the same data-parallel size, data.num_workers and data.seed"
+                f"loader state was saved with {state['layout']} but this run has {self.layout}; an exact resume "
+                "needs the same data-parallel size, data.num_workers and data.seed (data/reshard.py moves a "
+                "state to another dp size or worker count; the seed must stay)"
             )
         self.positions = [WorkerPosition(**p) for p in state["positions"]]
         self.next_worker = state["next_worker"]

@@ -34,15 +34,19 @@ compares it with the running one: the same layout loads DeepSpeed's files direct
 other needs the tag's universal form (``python -m modus_mega.convert universal <tag>``),
 from which each rank takes its own slices of the full weights, Adam moments and EMA
 (``convert/universal.py``), and the loader state and RNG of the saved rank with the same
-dp rank. dp itself must stay: each dp rank reads its own part of the data (its shard
-readers, their positions, its packer's waiting documents), so the data a run with another
-dp degree would read next is not the uninterrupted run's.
+dp rank. The data position is per dp rank (its shard readers, their positions, its packer's
+waiting documents): with another dp degree or ``data.num_workers``, every saved dp rank's
+loader state is read and resharded (``data/reshard.py``): within the pass in progress no
+sample is lost or repeated, but the batches differ from the uninterrupted run's. The RNG
+states then come from saved dp rank 0 (no step draws from them: each micro-batch's noise
+has its own generator, ``training/loop.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import signal
@@ -56,6 +60,7 @@ import torch
 
 from modus_mega.config import ModusConfig, config_to_dict
 from modus_mega.data.loader import PackedLoader
+from modus_mega.data.reshard import reshard
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.pipeline import global_parameter_name
 from modus_mega.training.engine import TrainEngine
@@ -66,6 +71,8 @@ TRAINER_STATE = "trainer_state.json"  # <tag>/trainer_state.json
 EXTRAS_DIR = "extras"  # <tag>/extras/rank_{rank:05d}.pt
 UNIVERSAL_DIR = "universal"  # <tag>/universal: the tag as full tensors (convert/universal.py)
 OPTIMIZER_PARAM_NAMES = "optimizer_param_names"  # key of DeepSpeed's model-states file: names in optimizer order
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -154,9 +161,10 @@ def save_checkpoint(
 def load_checkpoint(engine: TrainEngine, loader: PackedLoader, ctx: ParallelContext, root: Path) -> TrainerState | None:
     """Restore model, optimizer, EMA, loader and RNGs from the tag ``latest`` names; None when there is none.
 
-    A tag saved at this run's layout is loaded directly; one saved at another layout (same
-    dp) from its universal form, which ``python -m modus_mega.convert universal`` writes.
-    Raises ``ValueError`` naming both layouts when dp differs or the universal form is missing.
+    A tag saved at this run's layout is loaded directly; one saved at another layout from its
+    universal form, which ``python -m modus_mega.convert universal`` writes. The data position
+    continues exactly at the same dp and ``data.num_workers``, and is resharded at others.
+    Raises ``ValueError`` naming both layouts when the universal form is missing.
     """
     tag = latest_tag(root)
     if tag is None:
@@ -168,7 +176,7 @@ def load_checkpoint(engine: TrainEngine, loader: PackedLoader, ctx: ParallelCont
         extras = _load_same_layout(engine, root, tag, ctx.rank)
     else:
         extras = _load_other_layout(engine, tag_dir, saved, current, ctx)
-    loader.load_state_dict(extras["loader"])
+    _restore_data_position(loader, extras["loader"], tag_dir, saved, ctx)
     _set_rng_state(extras["rng"])
     record = json.loads((tag_dir / TRAINER_STATE).read_text())
     return TrainerState(**{f.name: record[f.name] for f in dataclasses.fields(TrainerState)})
@@ -191,14 +199,10 @@ def _load_same_layout(engine: TrainEngine, root: Path, tag: str, rank: int) -> d
 def _load_other_layout(
     engine: TrainEngine, tag_dir: Path, saved: Layout, current: Layout, ctx: ParallelContext
 ) -> dict[str, Any]:
-    """The tag's universal form (weights, Adam state, EMA); returns the extras of the saved rank with this dp rank."""
-    if saved.dp != current.dp:
-        raise ValueError(
-            f"{tag_dir} was saved at {saved}, this run has {current}: resuming at another data-parallel degree "
-            f"is refused because each dp rank reads its own part of the data (its shard readers and packer "
-            f"state), so the data of the next steps would not be the uninterrupted run's; relaunch with "
-            f"dp={saved.dp} (world size = tp * pp * {saved.dp}); tp, pp and the ZeRO stage may change"
-        )
+    """The tag's universal form (weights, Adam state, EMA); returns the extras of the saved rank with this dp rank.
+
+    With another dp degree: saved dp rank 0's (its RNG states; the data position is resharded from all).
+    """
     universal = tag_dir / UNIVERSAL_DIR
     if not universal.is_dir():
         raise ValueError(
@@ -212,13 +216,39 @@ def _load_other_layout(
 
     load_universal(engine, universal, ctx)
     # Every tp and pp rank of a dp rank reads the same data: any of the saved ones carries its position.
-    return _read_extras(extras_file(tag_dir, saved.rank(tp_rank=0, dp_rank=ctx.dp_rank, pp_rank=0)))
+    dp_rank = ctx.dp_rank if saved.dp == current.dp else 0  # another dp: the position is resharded from all
+    return _read_extras(extras_file(tag_dir, saved.rank(tp_rank=0, dp_rank=dp_rank, pp_rank=0)))
 
 
-def _read_extras(path: Path) -> dict[str, Any]:
+def _restore_data_position(
+    loader: PackedLoader, own: dict[str, Any], tag_dir: Path, saved: Layout, ctx: ParallelContext
+) -> None:
+    """``own``, a saved state of this dp rank, at the same loader layout; else every saved dp rank's, resharded."""
+    if own["layout"] == loader.layout:
+        loader.load_state_dict(own)
+        return
+    states = [
+        _read_extras(extras_file(tag_dir, saved.rank(tp_rank=0, dp_rank=dp_rank, pp_rank=0)), mmap=True)["loader"]
+        for dp_rank in range(saved.dp)
+    ]
+    resharded = reshard(states, ctx.dp, loader.num_logical_workers, loader.source.num_shards)
+    loader.load_state_dict(resharded[ctx.dp_rank])
+    if ctx.is_main:
+        pieces = sum(len(position["carried"]) for state in resharded for position in state["positions"])
+        pending = sum(len(state["pending"]) for state in resharded)
+        logger.warning(
+            "data position resharded from dp=%d (readers: %d) to dp=%d (readers: %d): %d carried-over shard "
+            "pieces, %d pending samples; no sample of the pass in progress is lost or repeated, but the batches "
+            "differ from the uninterrupted run's",
+            saved.dp, saved.dp * own["layout"]["num_workers"], ctx.dp, loader.num_slots, pieces, pending,
+        )  # fmt: skip
+
+
+def _read_extras(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """A rank's extras; ``mmap``: leave its EMA pieces on disk (when only the loader state is needed)."""
     if not path.is_file():
         raise ValueError(f"{path} is missing: the checkpoint is incomplete (a rank did not save); use an earlier tag")
-    return torch.load(path, weights_only=True)
+    return torch.load(path, weights_only=True, mmap=mmap)
 
 
 def _optimizer_param_names(engine: TrainEngine) -> list[str]:

@@ -17,14 +17,21 @@ fp32 rounding accumulated over a forward pass and one update, not bit for bit: r
 the tolerance ``test_layouts.py`` uses between ZeRO stages (observed: about 1e-7).
 
 Right after loading, before any step, every rank's weights, Adam moments and EMA pieces
-must equal its slice of the universal tensors exactly. Refusals: another layout without
-the universal form names the conversion command; another dp names the rule.
+must equal its slice of the universal tensors exactly. Refusal: another layout without
+the universal form names the conversion command.
+
+Another dp: the dp = 2 tag resumes in one process (dp = 1). Its weights, moments and EMA
+must be the universal tensors exactly, the data position is resharded from both saved
+ranks' loader states (``data/reshard.py``; logged), and it trains a step. Its losses are
+not the uninterrupted run's: the global batch is another (``tests/data/test_reshard.py``
+checks that no sample is lost or repeated).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -42,7 +49,7 @@ from modus_mega.data.loader import PackedLoader
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.pipeline import global_parameter_name
 from modus_mega.parallel.tensor_parallel import init_hooks
-from modus_mega.training.checkpoint import UNIVERSAL_DIR, load_checkpoint, run_checkpoints
+from modus_mega.training.checkpoint import UNIVERSAL_DIR, extras_file, load_checkpoint, run_checkpoints
 from modus_mega.training.engine import TrainEngine, build_engine
 from modus_mega.training.loop import train
 from tests.distributed.helpers import config_with, run_distributed
@@ -56,6 +63,8 @@ DP2_ZERO1 = {"parallel.zero_stage": 1}
 DP2_ZERO2 = {"parallel.zero_stage": 2}
 # resumed run -> (uninterrupted run, its layout, the resumed layout)
 RESUMES = {"tp2_as_pp2": ("tp2", TP2, PP2), "dp2_zero1_as_zero2": ("dp2_zero1", DP2_ZERO1, DP2_ZERO2)}
+DP1 = "dp2_as_dp1"  # the dp2_zero1 tag resumed by one process, for one step
+RESHARD_LOG = "dp2_as_dp1.log"  # what modus_mega.training.checkpoint logged there
 
 
 def _with_context(raw: dict, overrides: dict, run_dir: Path, action) -> None:
@@ -67,12 +76,17 @@ def _with_context(raw: dict, overrides: dict, run_dir: Path, action) -> None:
         parallel_state.destroy_model_parallel()  # the process group stays for the next run
 
 
-def _continue_from(source: Path, run_dir: Path, universal: bool) -> None:
+def _copy_tag(source: Path, run_dir: Path, universal: bool) -> None:
     """A fresh run directory whose ``latest`` is ``source``'s step-2 tag (its universal form too, if asked)."""
+    ignore = None if universal else shutil.ignore_patterns(UNIVERSAL_DIR)
+    shutil.copytree(run_checkpoints(source) / TAG, run_checkpoints(run_dir) / TAG, ignore=ignore)
+    (run_checkpoints(run_dir) / "latest").write_text(TAG)
+
+
+def _continue_from(source: Path, run_dir: Path, universal: bool) -> None:
+    """``_copy_tag`` by rank 0, seen by all."""
     if dist.get_rank() == 0:
-        ignore = None if universal else shutil.ignore_patterns(UNIVERSAL_DIR)
-        shutil.copytree(run_checkpoints(source) / TAG, run_checkpoints(run_dir) / TAG, ignore=ignore)
-        (run_checkpoints(run_dir) / "latest").write_text(TAG)
+        _copy_tag(source, run_dir, universal)
     dist.barrier()
 
 
@@ -147,13 +161,19 @@ def _worker(raw: dict, out_dir: str) -> None:
 
     _continue_from(out / "tp2", out / "no_universal", universal=False)
     _with_context(raw, PP2, out / "no_universal", _expect_refusal(out, "no_universal"))
-    _continue_from(out / "dp2_zero1", out / "other_dp", universal=True)
-    _with_context(raw, TP2, out / "other_dp", _expect_refusal(out, "other_dp"))  # dp 2 -> 1
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _one_rank_worker(raw: dict, out_dir: str) -> None:
+    out = Path(out_dir)
+    logging.getLogger("modus_mega.training.checkpoint").addHandler(logging.FileHandler(out / RESHARD_LOG))
+    layout = {**DP2_ZERO1, "training.steps": SAVED_AT + 1}
+    _with_context(raw, layout, out / DP1, _check_restore(out / DP1, out))
+    _with_context(raw, layout, out / DP1, lambda cfg, ctx: train(cfg, ctx))
+    dist.destroy_process_group()
+
+
+def _raw_config() -> dict:
     from tests.conftest import _TINY
 
     cfg = copy.deepcopy(_TINY)
@@ -165,9 +185,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg.data.token_budget = 256
     cfg.model.zero_init_llm2vae = False  # a zero head would hide the 2D gradient path behind it
     cfg.training.wandb_mode = "disabled"
+    return config_to_dict(cfg)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("universal")
-    run_distributed(_worker, 2, config_to_dict(cfg), str(out))
+    run_distributed(_worker, 2, _raw_config(), str(out))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(runs: Path) -> Path:
+    _copy_tag(runs / "dp2_zero1", runs / DP1, universal=True)
+    run_distributed(_one_rank_worker, 1, _raw_config(), str(runs))
+    return runs
 
 
 def _records(out: Path, name: str) -> list[dict]:
@@ -213,9 +245,18 @@ def test_other_layout_without_universal_names_the_command(runs: Path) -> None:
     assert f"python -m modus_mega.convert universal {tag_dir}" in message
 
 
-def test_other_data_parallel_degree_is_refused(runs: Path) -> None:
-    message = (runs / "refusal_other_dp.txt").read_text()
-    assert "dp=2" in message and "each dp rank reads its own part of the data" in message
+def test_other_data_parallel_degree_resumes_resharded(one_rank_run: Path) -> None:
+    result = json.loads((one_rank_run / f"restore_{DP1}_rank0.json").read_text())
+    assert result["step"] == SAVED_AT
+    assert result["bad"] == [], result["bad"][:5]
+    (record,) = _records(one_rank_run, DP1)
+    assert record["step"] == SAVED_AT and 0 < record["loss"] < float("inf")
+    log = (one_rank_run / RESHARD_LOG).read_text().splitlines()
+    assert len(log) == 2 and all("resharded from dp=2 (readers: 2) to dp=1 (readers: 1)" in line for line in log)
+    next_tag = run_checkpoints(one_rank_run / DP1) / f"step_{SAVED_AT + 1:08d}"
+    loader = torch.load(extras_file(next_tag, 0), weights_only=True)["loader"]  # the resharded state, one step on
+    assert loader["layout"]["dp_size"] == 1
+    assert any(position["carried"] for position in loader["positions"]), "still reading the old layout's work"
 
 
 def test_command_refuses_what_is_not_a_tag_and_an_existing_output(runs: Path, capsys) -> None:
