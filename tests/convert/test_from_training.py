@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -45,7 +44,7 @@ from modus_mega.training.checkpoint import TrainerState, checkpoint_root, save_c
 from modus_mega.training.engine import build_engine
 from modus_mega.training.loop import train
 from tests.convert.helpers import TOKENIZER_FILES, random_reference, tiny_config, write_release
-from tests.distributed.helpers import config_with, run_distributed
+from tests.distributed.helpers import config_with, run_distributed, run_in_layout
 
 EMA_DECAY = 0.75
 NEW_ROWS_SEED = 3
@@ -56,12 +55,7 @@ def _run_layouts(
     raw: dict, out: Path, layouts: dict[str, dict], action: Callable[[ModusConfig, ParallelContext], None]
 ) -> None:
     for name, overrides in layouts.items():
-        cfg = config_with(raw, overrides, out / name)
-        ctx = ParallelContext.initialize(cfg.parallel)
-        try:
-            action(cfg, ctx)
-        finally:
-            parallel_state.destroy_model_parallel()  # the process group stays for the next layout
+        run_in_layout(raw, overrides, out / name, action)
 
 
 def _save_untrained(cfg: ModusConfig, ctx: ParallelContext) -> None:

@@ -22,8 +22,10 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from megatron.core import parallel_state
 
 from modus_mega.config import ModusConfig, config_from_dict
+from modus_mega.parallel.context import ParallelContext
 
 
 @contextlib.contextmanager
@@ -64,3 +66,18 @@ def config_with(raw: dict[str, Any], overrides: dict[str, Any], run_dir: Path) -
         setattr(getattr(cfg, section), field, value)
     cfg.training.run_dir = str(run_dir)
     return cfg
+
+
+def run_in_layout(
+    raw: dict[str, Any], overrides: dict[str, Any], run_dir: Path, action: Callable[[ModusConfig, ParallelContext], Any]
+) -> Any:
+    """``action(cfg, ctx)`` at the layout of ``config_with(raw, overrides, run_dir)``.
+
+    Megatron's groups are destroyed afterwards; the process group stays for the next layout.
+    """
+    cfg = config_with(raw, overrides, run_dir)
+    ctx = ParallelContext.initialize(cfg.parallel)
+    try:
+        return action(cfg, ctx)
+    finally:
+        parallel_state.destroy_model_parallel()

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from modus_mega.config import config_from_dict, config_to_dict
 from modus_mega.model.init import init_weights
@@ -35,7 +34,7 @@ from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.pipeline import build_pipeline_model, global_parameter_name
 from modus_mega.parallel.tensor_parallel import build_linears
 from modus_mega.training.loop import train
-from tests.distributed.helpers import config_with, run_distributed
+from tests.distributed.helpers import config_with, run_distributed, run_in_layout
 
 STEPS = 4
 RESUME_AT = 2
@@ -45,12 +44,7 @@ TP2_PP2 = {"parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1}
 
 
 def _train(raw: dict, overrides: dict, run_dir: Path) -> None:
-    cfg = config_with(raw, overrides, run_dir)
-    ctx = ParallelContext.initialize(cfg.parallel)
-    try:
-        train(cfg, ctx)
-    finally:
-        parallel_state.destroy_model_parallel()  # the process group stays for the next run
+    run_in_layout(raw, overrides, run_dir, train)
 
 
 def _two_rank_worker(raw: dict, out: str) -> None:

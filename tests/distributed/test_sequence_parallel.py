@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from modus_mega.config import ModusConfig, ParallelConfig, config_from_dict, config_to_dict
 from modus_mega.model.init import init_weights
@@ -39,7 +38,7 @@ from modus_mega.parallel.tensor_parallel import (
 )
 from modus_mega.training.losses import modus_loss, serial_cross_entropy
 from modus_mega.training.loop import train
-from tests.distributed.helpers import config_with, run_distributed
+from tests.distributed.helpers import run_distributed, run_in_layout
 from tests.model.helpers import step_inputs
 
 TP = 2
@@ -151,12 +150,7 @@ def test_loss_and_gradients_match_serial(results: list[dict], twin: str) -> None
 
 
 def _train(raw: dict, overrides: dict, run_dir: Path) -> None:
-    cfg = config_with(raw, overrides, run_dir)
-    ctx = ParallelContext.initialize(cfg.parallel)
-    try:
-        train(cfg, ctx)
-    finally:
-        parallel_state.destroy_model_parallel()  # the process group stays for the next run
+    run_in_layout(raw, overrides, run_dir, train)
 
 
 def _runs_worker(raw: dict, names: list[str], out: str) -> None:

@@ -39,7 +39,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_optimizer_state
-from megatron.core import parallel_state
 
 from modus_mega.config import ModusConfig, config_to_dict
 from modus_mega.convert.__main__ import main
@@ -52,7 +51,7 @@ from modus_mega.parallel.tensor_parallel import init_hooks
 from modus_mega.training.checkpoint import UNIVERSAL_DIR, extras_file, load_checkpoint, run_checkpoints
 from modus_mega.training.engine import TrainEngine, build_engine
 from modus_mega.training.loop import train
-from tests.distributed.helpers import config_with, run_distributed
+from tests.distributed.helpers import run_distributed, run_in_layout
 
 STEPS = 4
 SAVED_AT = 2
@@ -65,15 +64,6 @@ DP2_ZERO2 = {"parallel.zero_stage": 2}
 RESUMES = {"tp2_as_pp2": ("tp2", TP2, PP2), "dp2_zero1_as_zero2": ("dp2_zero1", DP2_ZERO1, DP2_ZERO2)}
 DP1 = "dp2_as_dp1"  # the dp2_zero1 tag resumed by one process, for one step
 RESHARD_LOG = "dp2_as_dp1.log"  # what modus_mega.training.checkpoint logged there
-
-
-def _with_context(raw: dict, overrides: dict, run_dir: Path, action) -> None:
-    cfg = config_with(raw, overrides, run_dir)
-    ctx = ParallelContext.initialize(cfg.parallel)
-    try:
-        action(cfg, ctx)
-    finally:
-        parallel_state.destroy_model_parallel()  # the process group stays for the next run
 
 
 def _copy_tag(source: Path, run_dir: Path, universal: bool) -> None:
@@ -149,18 +139,18 @@ def _expect_refusal(out: Path, name: str):
 def _worker(raw: dict, out_dir: str) -> None:
     out = Path(out_dir)
     for name, layout in (("tp2", TP2), ("dp2_zero1", DP2_ZERO1)):
-        _with_context(raw, layout, out / name, lambda cfg, ctx: train(cfg, ctx))
+        run_in_layout(raw, layout, out / name, lambda cfg, ctx: train(cfg, ctx))
     if dist.get_rank() == 0:
         write_universal(run_checkpoints(out / "tp2") / TAG)
         main(["universal", str(run_checkpoints(out / "dp2_zero1") / TAG), "--quiet"])  # the command line's way
     dist.barrier()
     for resumed, (source, _, layout) in RESUMES.items():
         _continue_from(out / source, out / resumed, universal=True)
-        _with_context(raw, layout, out / resumed, _check_restore(out / resumed, out))
-        _with_context(raw, layout, out / resumed, lambda cfg, ctx: train(cfg, ctx))
+        run_in_layout(raw, layout, out / resumed, _check_restore(out / resumed, out))
+        run_in_layout(raw, layout, out / resumed, lambda cfg, ctx: train(cfg, ctx))
 
     _continue_from(out / "tp2", out / "no_universal", universal=False)
-    _with_context(raw, PP2, out / "no_universal", _expect_refusal(out, "no_universal"))
+    run_in_layout(raw, PP2, out / "no_universal", _expect_refusal(out, "no_universal"))
     dist.destroy_process_group()
 
 
@@ -168,8 +158,8 @@ def _one_rank_worker(raw: dict, out_dir: str) -> None:
     out = Path(out_dir)
     logging.getLogger("modus_mega.training.checkpoint").addHandler(logging.FileHandler(out / RESHARD_LOG))
     layout = {**DP2_ZERO1, "training.steps": SAVED_AT + 1}
-    _with_context(raw, layout, out / DP1, _check_restore(out / DP1, out))
-    _with_context(raw, layout, out / DP1, lambda cfg, ctx: train(cfg, ctx))
+    run_in_layout(raw, layout, out / DP1, _check_restore(out / DP1, out))
+    run_in_layout(raw, layout, out / DP1, lambda cfg, ctx: train(cfg, ctx))
     dist.destroy_process_group()
 
 
