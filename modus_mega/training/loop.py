@@ -140,8 +140,8 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
                     del logits, velocity  # not alive through the next micro-batch's forward
                     engine.step()
                     sums += loss_sums(terms).cpu()
-            totals = ctx.all_reduce_dp(sums.tolist())
-            skips = ctx.all_reduce_dp(skip_counts(loader))  # [len(SKIP_REASONS)]
+            summed = ctx.all_reduce_dp(sums.tolist() + skip_counts(loader))  # one all-reduce for both
+            totals, skips = summed[:NUM_LOSS_SUMS], summed[NUM_LOSS_SUMS:]  # [NUM_LOSS_SUMS], [len(SKIP_REASONS)]
             elapsed = time.perf_counter() - start
             failures.record(engine.last_health)
             throughput = meter.measure(micro_batches, elapsed)  # collective over dp
