@@ -32,11 +32,12 @@ RUNTIME_REQUIREMENTS = [
     "opencv-python-headless>=4.8",
     "matplotlib>=3.7",
     "tqdm>=4.66",
+    "scipy>=1.10",
 ]
 
 EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6"],
-    "test": ["pytest>=8", "diffusers>=0.30"],
+    "test": ["pytest>=8", "diffusers>=0.30", "torchmetrics>=1.4"],
 }
 
 setup(
