@@ -33,11 +33,12 @@ RUNTIME_REQUIREMENTS = [
     "matplotlib>=3.7",
     "tqdm>=4.66",
     "scipy>=1.10",
+    "pycocotools>=2.0.7",
 ]
 
 EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6"],
-    "test": ["pytest>=8", "diffusers>=0.30", "torchmetrics>=1.4"],
+    "test": ["pytest>=8", "diffusers>=0.30", "torchmetrics>=1.4", "faster-coco-eval>=1.6"],
 }
 
 setup(
