@@ -38,7 +38,7 @@ RUNTIME_REQUIREMENTS = [
 
 EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6"],
-    "test": ["pytest>=8", "diffusers>=0.30", "torchmetrics>=1.4", "faster-coco-eval>=1.6"],
+    "test": ["pytest>=8", "diffusers>=0.30", "torchmetrics>=1.4", "faster-coco-eval>=1.6", "scikit-learn>=1.3"],
 }
 
 setup(
