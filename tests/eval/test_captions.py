@@ -47,7 +47,8 @@ def test_scores_by_hand() -> None:
     assert m.attribute_recall == pytest.approx(1 / 3)
     assert np.isnan(m.relation_accuracy) and m.num_relations_stated == 0
     # one true and one false relation; "three objects" is the count
-    m = caption_metrics(["three objects: a red sphere left of a blue cube, a blue cube left of a red sphere."], [THREE], VOCABULARY)
+    caption = "three objects: a red sphere left of a blue cube, a blue cube left of a red sphere."
+    m = caption_metrics([caption], [THREE], VOCABULARY)
     assert m.relation_accuracy == 0.5 and m.num_relations_stated == 2 and m.count_accuracy == 1.0
     empty = caption_metrics(["no objects on a checkered floor."], [SceneFacts(())], VOCABULARY)
     assert empty.count_accuracy == 1.0 and empty.attribute_recall == 1.0

@@ -61,9 +61,11 @@ def _faster_coco_eval(preds: list[Boxes], targets: list[Boxes]) -> tuple[float, 
     for i, t in enumerate(targets):
         for box, label in zip(np.asarray(t.boxes), t.labels):
             x, y, w, h = xywh(box)
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(label) + 1, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            annotation = {"id": len(annotations) + 1, "image_id": i, "category_id": int(label) + 1}
+            annotations.append(annotation | {"bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
     gt = COCO()
-    gt.dataset = {"images": [{"id": i} for i in range(len(targets))], "categories": [{"id": c} for c in (1, 2, 3)], "annotations": annotations}
+    images, categories = [{"id": i} for i in range(len(targets))], [{"id": c} for c in (1, 2, 3)]
+    gt.dataset = {"images": images, "categories": categories, "annotations": annotations}
     gt.createIndex()
     results = [
         {"image_id": i, "category_id": int(label) + 1, "bbox": xywh(box), "score": float(score)}

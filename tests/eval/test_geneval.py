@@ -21,15 +21,17 @@ def _render(facts: SceneFacts) -> np.ndarray:
     """Adapter: a ground-truth render of a prompt, its objects left to right in prompt order."""
     xs = np.linspace(-1.8, 1.8, len(facts.objects)) if len(facts.objects) > 1 else [0.0]
     objects = tuple(
-        synth.SceneObject(o.shape, o.colour, "shiny" if i % 2 else "matte", np.array([x, _SIZES[o.shape][1], 0.0]), np.array(_SIZES[o.shape]), 0.3)
+        synth.SceneObject(o.shape, o.colour, ("matte", "shiny")[i % 2], np.array([x, size[1], 0.0]), np.array(size), 0.3)
         for i, (o, x) in enumerate(zip(facts.objects, xs))
+        for size in [_SIZES[o.shape]]
     )
     position, target = np.array([0.0, 2.2, 5.5]), np.array([0.0, 0.4, 0.0])
     forward = (target - position) / np.linalg.norm(target - position)
     right = np.cross(forward, [0.0, 1.0, 0.0])
     right /= np.linalg.norm(right)
     focal = (SIZE / 2) / math.tan(math.radians(50.0) / 2)
-    camera = synth.Camera(SIZE, SIZE, focal, focal, SIZE / 2, SIZE / 2, np.stack([right, np.cross(forward, right), forward], axis=1), position)
+    rotation = np.stack([right, np.cross(forward, right), forward], axis=1)  # columns: right, down, forward
+    camera = synth.Camera(SIZE, SIZE, focal, focal, SIZE / 2, SIZE / 2, rotation, position)
     light = np.array([0.4, 0.8, 0.45]) / np.linalg.norm([0.4, 0.8, 0.45])
     return synth.render_scene(synth.Scene(objects, camera, light)).rgb
 
@@ -90,12 +92,13 @@ def test_ground_truth_renders_score_one_and_wrong_images_do_not() -> None:
     prompts = _prompts(np.random.default_rng(0))
     renders = [_render(p) for p in prompts]
     perfect = geneval_score(renders, prompts, PALETTE)
-    assert (perfect.score, perfect.colour_accuracy, perfect.count_accuracy, perfect.relation_accuracy) == (1.0, 1.0, 1.0, 1.0)
+    assert perfect.score == perfect.colour_accuracy == perfect.count_accuracy == perfect.relation_accuracy == 1.0
     mirrored = geneval_score([r[:, ::-1] for r in renders], prompts, PALETTE)
     assert mirrored.relation_accuracy == 0.0 and mirrored.count_accuracy == 1.0
     swapped = geneval_score(renders[1:] + renders[:1], prompts, PALETTE)
     assert swapped.score < 0.3
-    missing = [_render(SceneFacts(p.objects[:-1])) if len(p.objects) > 1 else np.full_like(r, 128) for p, r in zip(prompts, renders)]
+    blank = np.full_like(renders[0], 128)
+    missing = [_render(SceneFacts(p.objects[:-1])) if len(p.objects) > 1 else blank for p in prompts]
     assert geneval_score(missing, prompts, PALETTE).count_accuracy == 0.0
 
 
@@ -103,6 +106,8 @@ def test_prompts_that_cannot_be_checked_are_refused() -> None:
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="cannot be told apart"):
         check_image(image, SceneFacts((ObjectFact("white", "cube"),)), PALETTE)
+    with pytest.raises(ValueError, match="uint8"):
+        check_image(image.astype(np.float32), SceneFacts(()), PALETTE)
     same = SceneFacts((ObjectFact("red", "cube"), ObjectFact("red", "sphere")), (RelationFact(0, "left of", 1),))
     with pytest.raises(ValueError, match="unique"):
         check_image(image, same, PALETTE)

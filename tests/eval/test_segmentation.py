@@ -57,7 +57,8 @@ def test_instance_matches_brute_force_matching() -> None:
     for _ in range(5):
         target, pred = rng.integers(0, 4, size=(10, 10)), rng.integers(10, 15, size=(10, 10))
         iou = instance_iou_matrix(pred, target)
-        best = max(iou[range(iou.shape[0]), list(cols)].sum() for cols in itertools.permutations(range(iou.shape[1]), iou.shape[0]))
+        rows = range(iou.shape[0])
+        best = max(iou[rows, list(cols)].sum() for cols in itertools.permutations(range(iou.shape[1]), len(rows)))
         assert matched_instance_iou(pred, target) == pytest.approx(best / max(iou.shape))
 
 

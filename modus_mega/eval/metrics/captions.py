@@ -104,7 +104,9 @@ def parse_caption(caption: str, vocabulary: CaptionVocabulary) -> ParsedCaption:
 def caption_metrics(captions: Sequence[str], facts: Sequence[SceneFacts], vocabulary: CaptionVocabulary) -> CaptionMetrics:
     """Attribute recall and relation accuracy of one generated caption per scene (module protocol)."""
     if len(captions) != len(facts) or not facts:
-        raise ValueError(f"caption_metrics: need one caption per scene, got {len(captions)} captions for {len(facts)} scenes")
+        raise ValueError(
+            f"caption_metrics: need one caption per scene, got {len(captions)} captions for {len(facts)} scenes"
+        )
     hits = {"colour": [0, 0], "shape": [0, 0], "object": [0, 0], "count": [0, 0], "relation": [0, 0]}  # [hits, facts]
 
     def score(kind: str, hit: bool) -> None:

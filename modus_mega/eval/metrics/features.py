@@ -66,7 +66,9 @@ def knn_retrieval(
     if len(q_labels) != len(q) or len(g_labels) != len(g):
         raise ValueError("knn_retrieval: one label per query and per gallery item")
     if leave_one_out and len(q) != len(g):
-        raise ValueError(f"knn_retrieval: leave_one_out pairs query i with gallery item i; got {len(q)} queries, {len(g)} items")
+        raise ValueError(
+            f"knn_retrieval: leave_one_out pairs query i with gallery item i; got {len(q)} queries, {len(g)} items"
+        )
     if k < 1:
         raise ValueError(f"knn_retrieval: k must be >= 1, got {k}")
     similarity = q @ g.T  # [N, M]

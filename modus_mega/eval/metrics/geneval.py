@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from modus_mega.eval.metrics.arrays import ArrayLike, as_items
+from modus_mega.eval.metrics.arrays import ArrayLike, as_items, to_numpy
 from modus_mega.eval.metrics.facts import LEFT_RIGHT, SceneFacts
 
 RGB = tuple[float, float, float]
@@ -103,7 +103,9 @@ def checkable_colours(palette: ColourPalette, max_hue_angle_deg: float = MAX_HUE
     return tuple(n for n, row in zip(names, angles) if n in palette.colours and row.min() >= 2 * max_hue_angle_deg)
 
 
-def colour_labels(image: np.ndarray, palette: ColourPalette, max_hue_angle_deg: float = MAX_HUE_ANGLE_DEG) -> tuple[np.ndarray, list[str]]:
+def colour_labels(
+    image: np.ndarray, palette: ColourPalette, max_hue_angle_deg: float = MAX_HUE_ANGLE_DEG
+) -> tuple[np.ndarray, list[str]]:
     """int [H, W] index into the returned reference names of each pixel of uint8 [H, W, 3], -1 for none."""
     names, references = _reference_hues(palette)
     hues, has_hue = _hues((image.astype(np.float64) / 255.0) ** palette.gamma)
@@ -126,11 +128,13 @@ def check_image(
     for colour in wanted:
         if colour not in checkable:
             raise ValueError(f"colour {colour!r} cannot be told apart by hue; prompts may use {checkable}")
-    for relation in facts.relations:
+    for relation in (r for r in facts.relations if r.relation in LEFT_RIGHT):
         for index in (relation.subject, relation.anchor):
             if wanted.count(wanted[index]) != 1:
                 raise ValueError(f"relation {relation} needs the colour {wanted[index]!r} to be unique in the prompt")
-    (rgb,) = as_items(image, 3)
+    rgb = to_numpy(image)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"check_image: expected one uint8 [H, W, 3] image, got {rgb.dtype} {rgb.shape}")
     labels, names = colour_labels(rgb, palette, max_hue_angle_deg)
     min_area = max(1, round(min_area_fraction * labels.size))
     found: dict[str, int] = {}
@@ -143,9 +147,7 @@ def check_image(
         if kept.any():
             columns[colour] = float(np.nonzero(kept)[1].mean())
     relation_checks = []
-    for relation in facts.relations:
-        if relation.relation not in LEFT_RIGHT:
-            continue
+    for relation in (r for r in facts.relations if r.relation in LEFT_RIGHT):
         subject, anchor = wanted[relation.subject], wanted[relation.anchor]
         if subject not in columns or anchor not in columns:
             relation_checks.append(False)
