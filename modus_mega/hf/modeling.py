@@ -8,11 +8,15 @@ instead of nesting the model under a prefix; the ``ModusModel`` object (``.modus
 wrapper share every parameter, and every ``nn.Module`` operation (``to``, loading,
 casting) reaches both, since it acts on the shared submodules.
 
-Weights: a checkpoint sets every tensor. A freshly built wrapper keeps the weights of the
-modules' constructors; the project's seeded initialisation is ``model/init.py``.
+Weights: a checkpoint sets every tensor, and ``from_pretrained`` refuses one that lacks a
+tensor or holds an extra one (``transformers`` would only warn and leave the tensor
+uninitialised), as ``load_pretrained`` does. A freshly built wrapper keeps the weights of
+the modules' constructors; the project's seeded initialisation is ``model/init.py``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import Tensor, nn
 from transformers import PreTrainedModel
@@ -21,6 +25,9 @@ from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.hf.config import ModusHFConfig
 from modus_mega.model.inputs import ModelInputs
 from modus_mega.model.modus import ModusModel
+
+
+_STRICT = ("missing_keys", "unexpected_keys", "mismatched_keys")  # loading-info entries that refuse a checkpoint
 
 
 class ModusHFModel(PreTrainedModel):
@@ -44,6 +51,23 @@ class ModusHFModel(PreTrainedModel):
     def modus(self) -> ModusModel:
         """The wrapped model, sharing every parameter with this wrapper."""
         return self._modus
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """``transformers``' loader, strict: a missing, extra or mis-shaped tensor raises ValueError.
+
+        Returns what ``PreTrainedModel.from_pretrained`` returns for the same arguments.
+        """
+        with_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {kind: sorted(map(str, info[kind]))[:8] for kind in _STRICT if info.get(kind)}
+        if problems:
+            raise ValueError(
+                f"refusing checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')}: {problems} "
+                "(up to 8 names each); the checkpoint and its config.json disagree: export it again with "
+                "`python -m modus_mega.convert to-hf`"
+            )
+        return (model, info) if with_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         """Leave constructor weights as they are (the module docstring says why)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from modus_mega.config import config_to_dict
@@ -139,6 +141,19 @@ def test_autotokenizer_loads_the_exported_tokenizer(release: Path, exports, sour
     expected = AutoTokenizer.from_pretrained(release).encode(SENTENCE, add_special_tokens=False)
     assert tokenizer.encode(SENTENCE, add_special_tokens=False) == expected and len(expected) > 1
     assert tokenizer.decode(expected) == SENTENCE
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused(exports, tmp_path: Path) -> None:
+    path = tmp_path / "broken"
+    shutil.copytree(exports["release"](), path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = path / index["weight_map"].pop("llm2vae.bias")
+    tensors = load_file(shard)
+    del tensors["llm2vae.bias"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"refusing checkpoint .*'missing_keys': \['llm2vae.bias'\]"):
+        AutoModel.from_pretrained(path)
 
 
 def test_importing_modus_mega_does_not_import_transformers() -> None:
