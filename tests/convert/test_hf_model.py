@@ -5,7 +5,7 @@ run started from it (``to-hf`` of its DeepSpeed checkpoint). Each output loads t
 ``AutoModel`` as ``ModusHFModel`` with the outputs of ``load_pretrained`` on a mixed batch
 (text, ViT, clean and noisy VAE tokens); ``save_pretrained`` writes the same config and
 tensor names and reloads bit for bit; the release's (tiny, trained) tokenizer loads through
-``AutoTokenizer`` from the output.
+``AutoTokenizer`` from the output; ``to-hf --text-model`` of the run holds its 1D expert.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from modus_mega.config import config_to_dict
 from modus_mega.convert.__main__ import main
 from modus_mega.convert.hf import load_pretrained, open_hf
+from modus_mega.convert.keymap import VOCAB_TENSORS
+from modus_mega.convert.text_model import ZERO_BIAS, text_model_names
 from modus_mega.hf import ModusHFConfig, ModusHFModel
 from modus_mega.hf.config import ARCHITECTURE
 from modus_mega.tokenizers.text import train_tiny_text_tokenizer
@@ -141,6 +143,22 @@ def test_autotokenizer_loads_the_exported_tokenizer(release: Path, exports, sour
     expected = AutoTokenizer.from_pretrained(release).encode(SENTENCE, add_special_tokens=False)
     assert tokenizer.encode(SENTENCE, add_special_tokens=False) == expected and len(expected) > 1
     assert tokenizer.decode(expected) == SENTENCE
+
+
+def test_text_model_of_a_training_run_holds_its_1d_expert(exports, tmp_path: Path) -> None:
+    run_dir = exports["run"]().parent / "run"
+    lm = AutoModelForCausalLM.from_pretrained(to_hf(run_dir, tmp_path / "lm", "--text-model", "--text-vocab-only"))
+    model, _ = load_pretrained(exports["run"]())
+    ours, theirs = model.state_dict(), lm.state_dict()
+    names = text_model_names(model.cfg)
+    assert sorted(theirs) == sorted(names)
+    rows = model.cfg.vocab.text_vocab_size
+    for name, source in names.items():
+        if source == ZERO_BIAS:
+            expected = torch.zeros_like(theirs[name])
+        else:
+            expected = ours[source][:rows] if source in VOCAB_TENSORS else ours[source]
+        assert torch.equal(theirs[name], expected), name
 
 
 def test_a_checkpoint_missing_a_tensor_is_refused(exports, tmp_path: Path) -> None:
