@@ -26,7 +26,6 @@ from modus_mega.hf.config import ModusHFConfig
 from modus_mega.model.inputs import ModelInputs
 from modus_mega.model.modus import ModusModel
 
-
 _STRICT = ("missing_keys", "unexpected_keys", "mismatched_keys")  # loading-info entries that refuse a checkpoint
 
 
