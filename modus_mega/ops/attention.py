@@ -18,6 +18,9 @@ once (block masks, tile lists), and every layer calls ``forward(q, k, v, prepare
     reference  plain PyTorch, exact forward and backward (CPU runs, tests, fp32 oracle)
     flex       torch FlexAttention with a BlockMask from lo/hi (GPU fallback)
     cuda       the CUDA extension in csrc/ (``modus_mega.ops.cuda_attention``), GPU runs
+
+``choose_attention_backend`` is that choice as a pure function of (name, device type, head
+dim, dtype, extension built).
 """
 
 from __future__ import annotations
@@ -90,6 +93,13 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, num_tokens: int) -> None:
         raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
 
 
+# What the CUDA kernels run (csrc/modus_attn); ``auto`` picks them only inside this envelope.
+CUDA_KERNEL_HEAD_DIMS: tuple[int, ...] = (64, 128)
+CUDA_KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+
+ChosenBackend = Literal["reference", "flex", "cuda"]
+
+
 def _load_cuda_backend() -> tuple[type[AttentionBackend] | None, str]:
     """The CUDA extension's backend class, or None and the reason it is unavailable."""
     try:
@@ -101,50 +111,102 @@ def _load_cuda_backend() -> tuple[type[AttentionBackend] | None, str]:
     return cuda_attention.CudaAttention, ""
 
 
-def get_attention_backend(
-    name: AttentionBackendName, device: torch.device | str
-) -> AttentionBackend:
-    """Pick the attention implementation for a run on ``device``; the one place that picks.
+def _cuda_kernels_refuse(head_dim: int | None, dtype: torch.dtype | None) -> str:
+    """Why the CUDA kernels cannot run this case ("" when they can, or when it is unknown)."""
+    if head_dim is not None and head_dim not in CUDA_KERNEL_HEAD_DIMS:
+        return f"the CUDA kernels support head_dim {CUDA_KERNEL_HEAD_DIMS}, got {head_dim}"
+    if dtype is not None and dtype not in CUDA_KERNEL_DTYPES:
+        return f"the CUDA kernels run in {CUDA_KERNEL_DTYPES}, got {dtype}"
+    return ""
 
-    ``"auto"``: the CUDA extension on a CUDA device when it is built, else FlexAttention on
-    CUDA, else the reference. Explicit names are honoured or refused with the fix:
-    ``"cuda"`` needs the built extension and a CUDA device; ``"flex"`` on CPU runs forward
-    only (torch has no CPU backward for FlexAttention), which ``forward`` enforces.
+
+def choose_attention_backend(
+    name: AttentionBackendName,
+    device_type: str,
+    head_dim: int | None,
+    dtype: torch.dtype | None,
+    extension_built: bool,
+    unavailable_reason: str = "",
+) -> ChosenBackend:
+    """Which implementation serves ``name`` for this case: the pure rule behind
+    ``get_attention_backend`` (tests fake ``extension_built`` on any machine).
+
+    ``auto``: the CUDA extension when it is built, the device is CUDA, and ``head_dim`` and
+    ``dtype`` are both given and inside what the kernels run (``CUDA_KERNEL_HEAD_DIMS``,
+    ``CUDA_KERNEL_DTYPES``); else FlexAttention on CUDA (compiled; any head dim and dtype);
+    else the reference. An unknown head dim or dtype never picks the extension, so ``auto``
+    cannot choose a backend whose first forward raises.
+
+    Raises:
+        ValueError: an unknown name, or ``cuda`` where it cannot run, naming the fix.
+    """
+    if name not in _BACKEND_NAMES:
+        raise ValueError(f"unknown attention backend {name!r}; use one of {_BACKEND_NAMES}")
+    on_cuda = device_type == "cuda"
+    refusal = _cuda_kernels_refuse(head_dim, dtype)
+    if name == "reference" or name == "flex":
+        return name
+    if name == "cuda":
+        if not on_cuda:
+            raise ValueError(
+                f"attention backend 'cuda' runs on CUDA devices only, got device type "
+                f"{device_type!r}; use 'auto' or 'reference' for CPU runs"
+            )
+        if not extension_built:
+            raise ValueError(
+                f"attention backend 'cuda' is not available: {unavailable_reason}. Build the "
+                f"extension on a CUDA machine (pip install --no-build-isolation -e .[gpu]) or set "
+                f"model.attention_backend to 'auto' or 'flex'"
+            )
+        if refusal:
+            raise ValueError(
+                f"attention backend 'cuda' cannot run this model: {refusal}; set "
+                f"model.attention_backend to 'auto' or 'flex'"
+            )
+        return "cuda"
+    # name == "auto"
+    if not on_cuda:
+        return "reference"
+    known = head_dim is not None and dtype is not None
+    return "cuda" if extension_built and known and not refusal else "flex"
+
+
+def get_attention_backend(
+    name: AttentionBackendName,
+    device: torch.device | str,
+    *,
+    head_dim: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> AttentionBackend:
+    """Build the attention implementation of a run; the one place that picks.
+
+    Call it once per run and keep the object: a compiled FlexAttention is built once per
+    backend object, so a new object per micro-batch would compile again every step.
+
+    Args:
+        name: ``auto`` or an explicit backend (``choose_attention_backend`` has the rule).
+        device: where the activations live.
+        head_dim: the model's attention head dim; ``auto`` picks the CUDA extension only
+            when it is given and supported.
+        dtype: the dtype q, k, v reach attention in (bf16 under mixed precision); same rule.
+
+    ``"flex"`` on CPU runs forward only (torch has no CPU backward for FlexAttention), which
+    ``forward`` enforces.
     """
     # Imported here: the backend modules subclass AttentionBackend from this module.
     from modus_mega.ops.attention_flex import FlexAttention
     from modus_mega.ops.attention_reference import ReferenceAttention
 
-    if name not in _BACKEND_NAMES:
-        raise ValueError(f"unknown attention backend {name!r}; use one of {_BACKEND_NAMES}")
     device = torch.device(device)
-    on_cuda = device.type == "cuda"
-
-    if name == "reference":
-        return ReferenceAttention()
-    if name == "flex":
-        return FlexAttention(compiled=on_cuda)
-
-    cuda_backend, reason = _load_cuda_backend()
-    if name == "cuda":
-        if not on_cuda:
-            raise ValueError(
-                f"attention backend 'cuda' runs on CUDA devices only, got device {device}; "
-                f"use 'auto' or 'reference' for CPU runs"
-            )
-        if cuda_backend is None:
-            raise ValueError(
-                f"attention backend 'cuda' is not available: {reason}. Build the extension on a "
-                f"CUDA machine (pip install --no-build-isolation -e .[gpu]) or set "
-                f"model.attention_backend to 'auto' or 'flex'"
-            )
+    cuda_backend, reason = (None, "") if name not in ("auto", "cuda") else _load_cuda_backend()
+    chosen = choose_attention_backend(
+        name, device.type, head_dim, dtype, cuda_backend is not None, reason
+    )
+    if chosen == "cuda":
+        assert cuda_backend is not None
         return cuda_backend()
-
-    # name == "auto"
-    if on_cuda and cuda_backend is not None:
-        return cuda_backend()
-    if on_cuda:
-        return FlexAttention(compiled=True)
+    if chosen == "flex":
+        return FlexAttention(compiled=device.type == "cuda")
     return ReferenceAttention()
 
 
@@ -166,11 +228,11 @@ def attention(
     Args:
         q: [T, Hq, D]; k, v: [T, Hkv, D]; lo, hi: int32 [T] (DESIGN §4).
         scale: defaults to 1 / sqrt(D).
-        backend: see ``get_attention_backend``; picked for q's device.
+        backend: see ``get_attention_backend``; picked for q's device, head dim and dtype.
 
     Returns:
         [T, Hq, D] in q's dtype.
     """
-    impl = get_attention_backend(backend, q.device)
+    impl = get_attention_backend(backend, q.device, head_dim=q.shape[-1], dtype=q.dtype)
     prepared = impl.prepare(lo, hi)
     return impl.forward(q, k, v, prepared, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)

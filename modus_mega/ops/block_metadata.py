@@ -29,6 +29,11 @@ kernels' launch order, so the longest blocks do not form the tail). Two tilings 
          deterministic dQ kernel)
     bwd  outer = key blocks of 128, inner = query blocks of 64 (the dK/dV kernel)
 
+Size: the two lists hold 2 x ceil(T/128) x ceil(T/64) int32, T^2 / 1024 bytes. We cap
+them at ``MAX_METADATA_BYTES`` = 64 MiB, which is T = ``MAX_METADATA_TOKENS`` = 262144
+(256k, 8x the 7B run's 32k token budget; 1 MiB there); beyond it ``check_metadata_size``
+refuses with the fix instead of allocating gigabytes (1M tokens would need 1 GiB).
+
 ``csrc/modus_attn/block_metadata_kernel.h`` builds the same tensors on the GPU (no host
 sync); this module is what CPU tests check against the dense rule, and what the GPU tests
 compare the kernels with, tensor for tensor.
@@ -48,6 +53,9 @@ FWD_BLOCK_Q = 128  # query rows per forward / dQ tile
 FWD_BLOCK_K = 64  # keys per forward / dQ tile
 BWD_BLOCK_Q = 64  # query rows per dK/dV step
 BWD_BLOCK_K = 128  # keys per dK/dV thread block
+
+MAX_METADATA_TOKENS = 262144  # largest T whose tile lists fit MAX_METADATA_BYTES
+MAX_METADATA_BYTES = 2 * 4 * (MAX_METADATA_TOKENS // BWD_BLOCK_K) * (MAX_METADATA_TOKENS // FWD_BLOCK_K)
 
 TILE_SKIPPED = 0
 TILE_FULL = 1
@@ -78,6 +86,30 @@ class BlockMetadata:
 
 def _num_blocks(num_tokens: int, block: int) -> int:
     return -(-num_tokens // block)
+
+
+def metadata_bytes(num_tokens: int) -> int:
+    """Bytes of the two tile lists of a micro-batch of ``num_tokens`` tokens."""
+    return 4 * (
+        _num_blocks(num_tokens, FWD_BLOCK_Q) * _num_blocks(num_tokens, FWD_BLOCK_K)
+        + _num_blocks(num_tokens, BWD_BLOCK_K) * _num_blocks(num_tokens, BWD_BLOCK_Q)
+    )
+
+
+def check_metadata_size(num_tokens: int) -> None:
+    """Refuse a micro-batch whose tile lists would exceed ``MAX_METADATA_BYTES``.
+
+    Raises:
+        ValueError: naming T, the limit and the fix.
+    """
+    size = metadata_bytes(num_tokens)
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(
+            f"the CUDA attention block metadata of T = {num_tokens} tokens needs "
+            f"{size / 2**20:.0f} MiB (it grows as T^2); the limit is T = {MAX_METADATA_TOKENS} "
+            f"({MAX_METADATA_BYTES // 2**20} MiB). Set data.token_budget <= {MAX_METADATA_TOKENS} "
+            f"or use attention backend 'flex'"
+        )
 
 
 def key_block_bounds(lo: Tensor, hi: Tensor, block_k: int) -> Tensor:
@@ -167,6 +199,7 @@ def build_block_metadata_reference(lo: Tensor, hi: Tensor) -> BlockMetadata:
     Identical, tensor for tensor, to what the extension's ``build_block_metadata`` returns.
     """
     num_tokens = check_lo_hi(lo, hi)
+    check_metadata_size(num_tokens)
     lo, hi = lo.contiguous(), hi.contiguous()
     fwd_bounds = key_block_bounds(lo, hi, FWD_BLOCK_K)
     fwd_blocks, fwd_counts = tile_lists(

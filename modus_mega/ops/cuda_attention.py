@@ -24,8 +24,17 @@ import math
 import torch
 from torch import Tensor
 
-from modus_mega.ops.attention import AttentionBackend, check_qkv
-from modus_mega.ops.block_metadata import BlockMetadata, build_block_metadata_reference
+from modus_mega.ops.attention import (
+    CUDA_KERNEL_DTYPES,
+    CUDA_KERNEL_HEAD_DIMS,
+    AttentionBackend,
+    check_qkv,
+)
+from modus_mega.ops.block_metadata import (
+    BlockMetadata,
+    build_block_metadata_reference,
+    check_metadata_size,
+)
 from modus_mega.ops.mask import check_lo_hi
 
 try:
@@ -34,9 +43,6 @@ except ImportError:
     _ext = None
 
 HAVE_CUDA_ATTENTION = _ext is not None
-
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
-SUPPORTED_HEAD_DIMS = (64, 128)
 
 
 def _require_extension() -> None:
@@ -50,14 +56,19 @@ def _require_extension() -> None:
 
 def _kernel_layout(x: Tensor) -> Tensor:
     """``x`` if the kernels can read it in place (unit last stride, token and head strides
-    multiples of 8 elements, 16-byte aligned start), else a contiguous copy."""
+    multiples of 8 elements, 16-byte aligned start), else a fresh contiguous copy.
+
+    A copy, not ``.contiguous()``: that returns a contiguous but misaligned view (e.g. at an
+    odd storage offset) unchanged, which the binding then refuses. Fresh allocations are
+    aligned (CUDA's caching allocator: 512 bytes; CPU: 64).
+    """
     aligned = (
         x.stride(-1) == 1
         and x.stride(0) % 8 == 0
         and x.stride(1) % 8 == 0
         and x.data_ptr() % 16 == 0
     )
-    return x if aligned else x.contiguous()
+    return x if aligned else x.clone(memory_format=torch.contiguous_format)
 
 
 def build_block_metadata(lo: Tensor, hi: Tensor) -> BlockMetadata:
@@ -66,7 +77,7 @@ def build_block_metadata(lo: Tensor, hi: Tensor) -> BlockMetadata:
     On a CUDA device with the extension built, the GPU kernels build it without a host
     sync; elsewhere the PyTorch specification does (identical tensors).
     """
-    check_lo_hi(lo, hi)
+    check_metadata_size(check_lo_hi(lo, hi))
     if _ext is None or not lo.is_cuda:
         return build_block_metadata_reference(lo, hi)
     lo, hi = lo.contiguous(), hi.contiguous()
@@ -254,14 +265,14 @@ def _check_kernel_inputs(q: Tensor, k: Tensor, v: Tensor, metadata: BlockMetadat
             f"the CUDA attention backend needs CUDA tensors, got device {q.device}; use the "
             f"'reference' backend on CPU"
         )
-    if q.dtype not in SUPPORTED_DTYPES:
+    if q.dtype not in CUDA_KERNEL_DTYPES:
         raise ValueError(
             f"the CUDA attention kernels run in bfloat16 or float16, got {q.dtype}; cast q, k, v "
             f"or use the 'reference' backend for float32"
         )
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    if q.shape[-1] not in CUDA_KERNEL_HEAD_DIMS:
         raise ValueError(
-            f"the CUDA attention kernels support head_dim {SUPPORTED_HEAD_DIMS}, got "
+            f"the CUDA attention kernels support head_dim {CUDA_KERNEL_HEAD_DIMS}, got "
             f"{q.shape[-1]}; use the 'flex' or 'reference' backend"
         )
     if metadata.lo.device != q.device:

@@ -29,7 +29,12 @@ from torch import Tensor
 from modus_mega.ops import cuda_attention
 from modus_mega.ops.attention import attention, get_attention_backend
 from modus_mega.ops.attention_reference import reference_attention_with_lse
-from modus_mega.ops.block_metadata import BlockMetadata, build_block_metadata_reference
+from modus_mega.ops.block_metadata import (
+    MAX_METADATA_TOKENS,
+    BlockMetadata,
+    build_block_metadata_reference,
+    check_metadata_size,
+)
 from modus_mega.ops.cuda_attention import (
     HAVE_CUDA_ATTENTION,
     CudaAttention,
@@ -274,6 +279,32 @@ def test_refuses_what_the_kernels_cannot_run() -> None:
         cuda_attention_with_lse(q, kv, kv, meta)
     with pytest.raises(ValueError, match="lo/hi describe"):
         cuda_attention_with_lse(q[:8], kv[:8], kv[:8], meta)
+
+
+def test_misaligned_inputs_are_copied_for_the_kernels() -> None:
+    """A contiguous view at an odd storage offset is misaligned; ``.contiguous()`` would
+    return it unchanged and the binding would refuse it, so the layout helper copies."""
+    storage = torch.randn(16 * 4 * 64 + 1).to(torch.bfloat16)
+    misaligned = storage[1:].view(16, 4, 64)  # starts 2 bytes into the storage
+    assert misaligned.is_contiguous() and misaligned.data_ptr() % 16 != 0
+    copied = cuda_attention._kernel_layout(misaligned)
+    assert copied.data_ptr() % 16 == 0 and copied.is_contiguous()
+    assert torch.equal(copied, misaligned)
+    # Views the kernels read in place (a fused projection's q) are not copied.
+    fused = torch.zeros(16, 4 + 2, 64, dtype=torch.bfloat16)
+    q = fused[:, :4]
+    assert cuda_attention._kernel_layout(q) is q
+    odd_stride = torch.zeros(16, 4, 68, dtype=torch.bfloat16)[..., :64]  # head stride 68
+    assert cuda_attention._kernel_layout(odd_stride).stride() == (256, 64, 1)
+
+
+def test_block_metadata_refuses_too_many_tokens() -> None:
+    check_metadata_size(MAX_METADATA_TOKENS)  # the stated limit itself is fine
+    lo = torch.arange(MAX_METADATA_TOKENS + 1, dtype=torch.int32)
+    for build in (build_block_metadata, build_block_metadata_reference):
+        with pytest.raises(ValueError, match=f"T = {MAX_METADATA_TOKENS + 1}.*limit is T = "
+                           f"{MAX_METADATA_TOKENS}.*data.token_budget"):
+            build(lo, lo + 1)
 
 
 # ----------------------------------------------------------------------------- CPU emulation

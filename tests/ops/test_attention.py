@@ -11,7 +11,11 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from modus_mega.ops.attention import attention, get_attention_backend
+from modus_mega.ops.attention import (
+    attention,
+    choose_attention_backend,
+    get_attention_backend,
+)
 from modus_mega.ops.attention_flex import (
     FlexAttention,
     block_mask_from_lo_hi,
@@ -338,9 +342,69 @@ def test_auto_prefers_the_cuda_extension_when_built(monkeypatch: pytest.MonkeyPa
     assert isinstance(get_attention_backend("auto", "cuda"), FlexAttention)
 
     fake.HAVE_CUDA_ATTENTION = True
-    assert isinstance(get_attention_backend("auto", "cuda"), FakeCudaAttention)
+    supported = {"head_dim": 128, "dtype": torch.bfloat16}
+    assert isinstance(get_attention_backend("auto", "cuda", **supported), FakeCudaAttention)
     assert isinstance(get_attention_backend("cuda", "cuda:0"), FakeCudaAttention)
-    assert isinstance(get_attention_backend("auto", "cpu"), ReferenceAttention)
+    assert isinstance(get_attention_backend("auto", "cpu", **supported), ReferenceAttention)
+    # The tiny configs' head dim 16: the kernels would raise at the first forward.
+    tiny = {"head_dim": 16, "dtype": torch.bfloat16}
+    assert isinstance(get_attention_backend("auto", "cuda", **tiny), FlexAttention)
+    with pytest.raises(ValueError, match="head_dim .*got 16.*'auto' or 'flex'"):
+        get_attention_backend("cuda", "cuda", **tiny)
+
+
+@pytest.mark.parametrize(
+    ("device_type", "head_dim", "dtype", "built", "expected"),
+    [
+        ("cuda", 128, torch.bfloat16, True, "cuda"),
+        ("cuda", 64, torch.float16, True, "cuda"),
+        ("cuda", 16, torch.bfloat16, True, "flex"),  # tiny configs
+        ("cuda", 96, torch.float16, True, "flex"),
+        ("cuda", 128, torch.float32, True, "flex"),  # fp32 runs
+        ("cuda", None, torch.bfloat16, True, "flex"),  # unknown: never the extension
+        ("cuda", 128, None, True, "flex"),
+        ("cuda", 128, torch.bfloat16, False, "flex"),  # not built
+        ("cpu", 128, torch.bfloat16, True, "reference"),
+        ("cpu", 16, torch.float32, False, "reference"),
+    ],
+)
+def test_auto_picks_by_device_head_dim_dtype_and_build(
+    device_type: str, head_dim: int | None, dtype: torch.dtype | None, built: bool, expected: str
+) -> None:
+    assert choose_attention_backend("auto", device_type, head_dim, dtype, built) == expected
+
+
+def test_explicit_cuda_refuses_what_the_kernels_cannot_run() -> None:
+    assert choose_attention_backend("cuda", "cuda", 64, torch.bfloat16, True) == "cuda"
+    with pytest.raises(ValueError, match="got torch.float32.*'auto' or 'flex'"):
+        choose_attention_backend("cuda", "cuda", 128, torch.float32, True)
+    with pytest.raises(ValueError, match="not available: not built here"):
+        choose_attention_backend("cuda", "cuda", 128, torch.bfloat16, False, "not built here")
+    assert choose_attention_backend("flex", "cpu", 16, torch.float32, True) == "flex"
+
+
+def test_compiled_flex_is_built_once_per_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One torch.compile wrapper per backend object, however many micro-batches it serves
+    (a wrapper per call recompiles every step, then falls back to eager silently)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    wrappers = []
+    real_compile = torch.compile
+
+    def counting_compile(fn, **kwargs):  # flex_attention's wrapper runs eagerly on CPU
+        if fn is not flex_attention:  # torch compiles its own helpers too
+            return real_compile(fn, **kwargs)
+        wrappers.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    backend = FlexAttention(compiled=True)
+    for case in range(3):
+        lo, hi = lo_hi_for_layout([[("causal", 5 + case), ("noise", 4)]])
+        q, k, v = _qkv(lo.shape[0], 2, 1, 16, torch.float32, seed=case)
+        with torch.no_grad():
+            backend.forward(q, k, v, backend.prepare(lo, hi), 0.25)
+    assert wrappers == [{"dynamic": False}]
 
 
 def test_attention_defaults_to_inverse_sqrt_head_dim_scale() -> None:
