@@ -13,6 +13,15 @@ sees no key gives 0 (our layouts never make one).
 
 A backend splits the work in two: ``prepare(lo, hi)`` builds the per-micro-batch metadata
 once (block masks, tile lists), and every layer calls ``forward(q, k, v, prepared, scale)``.
+
+Queries over a cache (DESIGN §8): ``prepare(lo, hi, q_offset, num_queries)`` describes Tq
+query rows at absolute positions ``q_offset .. q_offset + Tq - 1`` of the Tk keys that lo/hi
+describe (``0 <= q_offset``, ``q_offset + Tq <= Tk``; Tq defaults to Tk - q_offset, the last
+rows). Query row r then sees key k iff ``lo[k] <= q_offset + r < hi[k]``: exactly row
+``q_offset + r`` of the full-sequence attention over the same keys, whatever the offset. The
+default (q_offset 0, Tq = Tk) is the training path, unchanged. Which offsets a KV cache may
+use is a different question (the cached keys must not depend on later tokens):
+``mask.cache_boundaries``.
 ``get_attention_backend`` is the only place that chooses between the implementations:
 
     reference  plain PyTorch, exact forward and backward (CPU runs, tests, fp32 oracle)
@@ -44,10 +53,14 @@ class AttentionBackend(ABC):
     name: str  # what logs and errors call this backend
 
     @abstractmethod
-    def prepare(self, lo: Tensor, hi: Tensor) -> Any:
-        """Build the metadata of one micro-batch from its int32 ``lo, hi`` [T].
+    def prepare(
+        self, lo: Tensor, hi: Tensor, q_offset: int = 0, num_queries: int | None = None
+    ) -> Any:
+        """Build the metadata of one micro-batch from its int32 ``lo, hi`` [Tk].
 
         Called once per micro-batch; the result is passed to ``forward`` of every layer.
+        ``q_offset``, ``num_queries``: the queries are the rows ``q_offset ..
+        q_offset + num_queries - 1`` of the keys (module docstring); the defaults are all rows.
         """
 
     @abstractmethod
@@ -55,19 +68,24 @@ class AttentionBackend(ABC):
         """Masked attention of one micro-batch.
 
         Args:
-            q: [T, Hq, D] queries.
-            k: [T, Hkv, D] keys; Hq % Hkv == 0.
-            v: [T, Hkv, D] values.
+            q: [Tq, Hq, D] queries (Tq = Tk unless ``prepare`` was given a query range).
+            k: [Tk, Hkv, D] keys; Hq % Hkv == 0.
+            v: [Tk, Hkv, D] values.
             prepared: what ``prepare`` returned for this micro-batch.
             scale: multiplies q . k before the softmax (usually 1 / sqrt(D)).
 
         Returns:
-            [T, Hq, D] in q's dtype, contiguous.
+            [Tq, Hq, D] in q's dtype, contiguous.
         """
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor, num_tokens: int) -> None:
-    """Check q [T, Hq, D], k and v [T, Hkv, D] (one dtype, one device, Hq % Hkv == 0)."""
+def check_qkv(
+    q: Tensor, k: Tensor, v: Tensor, num_tokens: int, num_queries: int | None = None
+) -> None:
+    """Check q [Tq, Hq, D], k and v [Tk, Hkv, D] (one dtype, one device, Hq % Hkv == 0)
+    against the Tk = ``num_tokens`` keys and Tq = ``num_queries`` (default Tk) rows that
+    ``prepare`` was given."""
+    num_queries = num_tokens if num_queries is None else num_queries
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"q, k, v must be [tokens, heads, head_dim], got shapes {tuple(q.shape)}, "
@@ -76,10 +94,11 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, num_tokens: int) -> None:
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
-    if q.shape[0] != num_tokens or k.shape[0] != num_tokens:
+    if q.shape[0] != num_queries or k.shape[0] != num_tokens:
         raise ValueError(
-            f"q has {q.shape[0]} tokens and k has {k.shape[0]}, but lo/hi describe {num_tokens}; "
-            f"prepare() must be called with this micro-batch's lo/hi"
+            f"q has {q.shape[0]} tokens and k has {k.shape[0]}, but lo/hi describe {num_tokens} "
+            f"keys and {num_queries} query rows; prepare() must be called with this micro-batch's "
+            f"lo/hi (and its query range)"
         )
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k head dims differ: {q.shape[2]} vs {k.shape[2]}")
