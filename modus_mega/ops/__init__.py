@@ -10,6 +10,7 @@ from modus_mega.ops.attention import (
     AttentionBackendName,
     attention,
     check_qkv,
+    choose_attention_backend,
     get_attention_backend,
 )
 from modus_mega.ops.mask import (
@@ -36,6 +37,7 @@ __all__ = [
     "check_lo_hi",
     "check_query_rows",
     "check_qkv",
+    "choose_attention_backend",
     "dense_mask_from_layout",
     "dense_mask_from_lo_hi",
     "get_attention_backend",

@@ -39,16 +39,23 @@ DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default sparse block size
 
 
 def lo_hi_mask_mod(
-    lo: Tensor, hi: Tensor, q_offset: Tensor | int = 0
+    lo: Tensor, hi: Tensor, q_offset: Tensor | None = None
 ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """FlexAttention ``mask_mod`` of the column intervals: key kv is visible to query row
-    q_idx iff lo <= q_offset + q_idx < hi (q_offset: absolute position of query row 0)."""
+    q_idx iff lo <= q_offset + q_idx < hi (q_offset: absolute position of query row 0, a 0-d
+    tensor; None, the training path, compares q_idx itself)."""
+    if q_offset is None:
 
-    def mask_mod(batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        def mask_mod(batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return (lo[kv_idx] <= q_idx) & (q_idx < hi[kv_idx])
+
+        return mask_mod
+
+    def offset_mask_mod(batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         position = q_idx + q_offset
         return (lo[kv_idx] <= position) & (position < hi[kv_idx])
 
-    return mask_mod
+    return offset_mask_mod
 
 
 def classify_tiles(
@@ -125,7 +132,7 @@ def block_mask_from_lo_hi(
     partial, full = classify_tiles(lo, hi, block_size, q_offset, num_queries)
     partial_counts, partial_indices = _ordered(partial)
     full_counts, full_indices = _ordered(full)
-    offset = torch.tensor(q_offset, dtype=torch.int32, device=lo.device)
+    offset = None if q_offset == 0 else torch.tensor(q_offset, dtype=torch.int32, device=lo.device)
     return BlockMask.from_kv_blocks(
         partial_counts,
         partial_indices,
