@@ -957,7 +957,7 @@ def test_gpu_strided_inputs_are_read_in_place() -> None:
 def test_gpu_backend_seam_and_compile() -> None:
     """``get_attention_backend`` picks the kernels on CUDA; the op traces under
     torch.compile (fullgraph) and passes torch.library's op checks."""
-    backend = get_attention_backend("auto", DEVICE)
+    backend = get_attention_backend("auto", DEVICE, head_dim=64, dtype=torch.bfloat16)
     assert isinstance(backend, CudaAttention)
     lo, hi = _micro_batch("modus")
     q, k, v, _ = _inputs(lo.shape[0], 8, 2, 64, torch.bfloat16, seed=6)
