@@ -14,14 +14,6 @@ sees no key gives 0 (our layouts never make one).
 A backend splits the work in two: ``prepare(lo, hi)`` builds the per-micro-batch metadata
 once (block masks, tile lists), and every layer calls ``forward(q, k, v, prepared, scale)``.
 
-Queries over a cache (DESIGN §8): ``prepare(lo, hi, q_offset, num_queries)`` describes Tq
-query rows at absolute positions ``q_offset .. q_offset + Tq - 1`` of the Tk keys that lo/hi
-describe (``0 <= q_offset``, ``q_offset + Tq <= Tk``; Tq defaults to Tk - q_offset, the last
-rows). Query row r then sees key k iff ``lo[k] <= q_offset + r < hi[k]``: exactly row
-``q_offset + r`` of the full-sequence attention over the same keys, whatever the offset. The
-default (q_offset 0, Tq = Tk) is the training path, unchanged. Which offsets a KV cache may
-use is a different question (the cached keys must not depend on later tokens):
-``mask.cache_boundaries``.
 ``get_attention_backend`` is the only place that chooses between the implementations:
 
     reference  plain PyTorch, exact forward and backward (CPU runs, tests, fp32 oracle)
@@ -30,6 +22,15 @@ use is a different question (the cached keys must not depend on later tokens):
 
 ``choose_attention_backend`` is that choice as a pure function of (name, device type, head
 dim, dtype, extension built).
+
+Queries over a cache (DESIGN §8): ``prepare(lo, hi, q_offset, num_queries)`` describes Tq
+query rows at absolute positions ``q_offset .. q_offset + Tq - 1`` of the Tk keys that lo/hi
+describe (``0 <= q_offset``, ``q_offset + Tq <= Tk``; Tq defaults to Tk - q_offset, the last
+rows). Query row r then sees key k iff ``lo[k] <= q_offset + r < hi[k]``: exactly row
+``q_offset + r`` of the full-sequence attention over the same keys, whatever the offset. The
+default (q_offset 0, Tq = Tk) is the training path, unchanged. Which offsets a KV cache may
+use is a different question (the cached keys must not depend on later tokens):
+``mask.cache_boundaries``.
 """
 
 from __future__ import annotations
