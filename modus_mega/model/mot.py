@@ -19,7 +19,7 @@ sequence parallel, an all-gather before and a reduce-scatter after (``modus_mega
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,20 @@ class ShardRows:
         return ShardRows(start, size, index, torch.argsort(torch.cat([*index, padding])))
 
 
+class KeyValuePrefix(Protocol):
+    """Keys and values that come BEFORE a forward's own tokens: a KV cache (``inference/kv_cache.py``).
+
+    The queries of such a forward are the last rows of the keys (DESIGN §8); the attention
+    metadata then describes all keys, cached ones first.
+    """
+
+    def extend(self, layer: nn.Module, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``layer``'s cached keys and values followed by ``k``, ``v`` of this forward's tokens.
+
+        k, v: [T, Hkv, Dh] (k after k_norm and RoPE) -> [T_cached + T, Hkv, Dh] each.
+        """
+
+
 @dataclass
 class LayerContext:
     """Per-micro-batch state every layer reuses: routing, RoPE tables, attention metadata."""
@@ -74,6 +88,7 @@ class LayerContext:
     attention: AttentionBackend
     attention_mask: Any  # what attention.prepare(lo, hi) returned
     shard: ShardRows | None = None  # this rank's rows of the residual stream; None: the whole sequence
+    prefix: KeyValuePrefix | None = None  # cached keys/values before these tokens (generation); None: training
 
     def __post_init__(self) -> None:
         if self.shard is None:
@@ -96,25 +111,32 @@ class LayerContext:
         dtype: torch.dtype,
         attention: AttentionBackend,
         collectives: Collectives = SERIAL_COLLECTIVES,
+        prefix: KeyValuePrefix | None = None,
     ) -> "LayerContext":
         """The context of one micro-batch from its integer metadata (all [T]); RoPE tables in ``dtype``.
 
         Only integer tensors are needed, so a pipeline stage rebuilds it from what travels
         with the hidden states. ``collectives`` says which rows of the residual stream this
-        rank holds.
+        rank holds. With a ``prefix`` (a KV cache of T_c tokens), ``attn_lo`` / ``attn_hi``
+        describe all T_c + T keys and the T tokens are the queries at positions T_c onwards.
         """
         expert_ids = expert_ids_of(token_type)
         expert_index, unpermute = LayerContext.route(expert_ids)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype)
         num_shards = collectives.num_shards
+        if prefix is None:
+            attention_mask = attention.prepare(attn_lo, attn_hi)
+        else:
+            attention_mask = attention.prepare(attn_lo, attn_hi, attn_lo.numel() - token_type.numel())
         return LayerContext(
             expert_index=expert_index,
             unpermute=unpermute,
             cos=cos,
             sin=sin,
             attention=attention,
-            attention_mask=attention.prepare(attn_lo, attn_hi),
+            attention_mask=attention_mask,
             shard=ShardRows.of(expert_ids, num_shards, collectives.shard) if num_shards > 1 else None,
+            prefix=prefix,
         )
 
 
@@ -183,6 +205,8 @@ class MoTLayer(nn.Module):
         k = torch.cat(ks)[ctx.unpermute]
         v = torch.cat(vs)[ctx.unpermute]
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.prefix is not None:  # generation: the cached keys come first, the queries are the last rows
+            k, v = ctx.prefix.extend(self, k, v)
         attn = ctx.attention.forward(q, k, v, ctx.attention_mask, self.scale).flatten(1)  # [T, Hq*Dh]
         outs = [expert.o_proj(attn.index_select(0, index)) for expert, index in zip(self.experts, ctx.expert_index)]
         return self.collectives.reduce(torch.cat(outs)[ctx.unpermute], ctx)  # [T, D] partial sums -> [R, D]
