@@ -117,6 +117,28 @@ def test_fp8_model_trains_close_to_fp32(tiny_config: ModusConfig, ctx: ParallelC
     assert torch.nn.functional.cosine_similarity(w32.flatten(), w8.flatten(), dim=0) > 0.99
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_low_precision_runs_on_cpu_near_fp32(precision: str, tiny_config: ModusConfig, ctx: ParallelContext) -> None:
+    """bf16 (and FP8 over bf16) on CPU: the tiny model in ``compute_dtype`` gives the fp32 loss within 2%."""
+    tiny_config.model.attention_backend = "reference"
+    fp32 = ModusModel(tiny_config.model)
+    init_weights(fp32, seed=3, std=0.02)
+    dtype = compute_dtype(precision, torch.device("cpu"))
+    low = copy.deepcopy(fp32)
+    tiny_config.training.precision = precision
+    apply_float8(low, tiny_config.training, ctx)
+    low.to(dtype)
+    inputs = step_inputs(copy.deepcopy(tiny_config), fp32.vocab, num_samples=2, seed=0)
+    loss32 = _loss(fp32, inputs)
+    inputs.model.vit_patches = inputs.model.vit_patches.to(dtype)  # what the engine casts
+    inputs.model.vae_tokens = inputs.model.vae_tokens.to(dtype)
+    loss = _loss(low, inputs)
+    loss.backward()
+    assert loss.dtype == torch.float32  # the loss is taken in fp32
+    assert loss.item() == pytest.approx(loss32.item(), rel=2e-2)
+    assert low.layers[0].experts[0].q_proj.weight.grad.dtype == dtype
+
+
 def test_float8_autocast_is_a_no_op_off_te(tiny_config: ModusConfig, ctx: ParallelContext) -> None:
     tiny_config.training.precision = "fp8"
     assert isinstance(float8_autocast(tiny_config.training, "local", ctx), contextlib.nullcontext)
