@@ -12,7 +12,7 @@
 #   install    the carried wheels (.whl/, from scripts/gpu_wheels.sh) into OUTDIR/site, on
 #              PYTHONPATH so the preinstalled CUDA torch stays visible; the CUDA extension
 #              built in place for sm_90a only (TORCH_CUDA_ARCH_LIST=9.0a)
-#   kernels    pytest tests/kernels tests/ops on the hardware               -> kernels.xml
+#   kernels    pytest tests/kernels tests/ops and the FP8 linears on the hardware -> kernels.xml
 #   attention  bench/attention/bench_attention.py: extension vs compiled FlexAttention vs
 #              SDPA, 8k and 32k tokens, 28/4 heads and the tp = 4 shape 7/1, both masks
 #                                                                           -> attention_28x4.json, attention_7x1.json
@@ -73,7 +73,7 @@ cmds_install() {
 }
 
 cmds_kernels() {
-  echo "$PY -m pytest -q -p no:cacheprovider --junitxml=$OUT/kernels.xml tests/kernels tests/ops"
+  echo "$PY -m pytest -q -p no:cacheprovider --junitxml=$OUT/kernels.xml tests/kernels tests/ops tests/parallel_fp8/test_fp8_cuda.py"
 }
 
 cmds_attention() {
@@ -103,7 +103,7 @@ cmds_pretrain() {
 files_of() {
   case $1 in
     install) echo "setup.py csrc/build.py csrc/modus_attn" ;;
-    kernels) echo "tests/kernels tests/ops" ;;
+    kernels) echo "tests/kernels tests/ops tests/parallel_fp8/test_fp8_cuda.py" ;;
     attention) echo "bench/attention/bench_attention.py" ;;
     mot_step) echo "bench/training/bench_mot_step.py configs/7b.json" ;;
     pretrain) echo "launch/pretrain.py configs/tiny.json" ;;

@@ -4,8 +4,8 @@ The project's own ``MoTLayer``s (both experts, one shared attention; ``model/mot
 width of ``configs/7b.json`` (hidden 3584, 28/4 heads, SwiGLU 18944), on one packed micro-batch
 of MODUS-like documents: per document a causal text run (1D expert), a clean image as a full
 split and a noisy image as a noise split (2D expert), so both experts and the MODUS mask are
-exercised. Each precision builds the same layers from the same seed; FP8 converts their
-linears with ``parallel.fp8.apply_float8`` (``training.fp8.recipe``).
+exercised. The layers are timed in bf16, then their linears are converted in place with
+``parallel.fp8.apply_float8`` (``training.fp8.recipe``) and timed again: the same weights.
 
 Reported per precision: ms per forward + backward, tokens/s, model TFLOP/s (the planner's and
 the MFU meter's formula, ``plan.timing.training_flops``: 3 x the forward's linear and attention
@@ -36,7 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from modus_mega.config import LLMConfig, ParallelConfig, TrainingConfig, load_config  # noqa: E402
-from modus_mega.model.init import init_weights  # noqa: E402
 from modus_mega.model.inputs import TOKEN_TEXT, TOKEN_VAE  # noqa: E402
 from modus_mega.model.layers import SERIAL_LINEARS  # noqa: E402
 from modus_mega.model.mot import LayerContext, MoTLayer  # noqa: E402
@@ -124,15 +123,21 @@ def _time_ms(step: Callable[[], None], warmup: int, iters: int, device: torch.de
     return statistics.median(times)
 
 
-def build_layers(llm: LLMConfig, precision: str, args: argparse.Namespace, ctx: ParallelContext) -> nn.ModuleList:
-    """``args.layers`` MoT layers in bf16 on ``ctx.device``, FP8 linears for ``precision == "fp8"``."""
-    layers = nn.ModuleList(MoTLayer(llm, SERIAL_LINEARS) for _ in range(args.layers))
+def build_layers(llm: LLMConfig, args: argparse.Namespace, device: torch.device) -> nn.ModuleList:
+    """``args.layers`` MoT layers in bf16, built on ``device`` (PyTorch's default init, seeded: a
+    timing needs realistic magnitudes, not the name-seeded init of training)."""
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        layers = nn.ModuleList(MoTLayer(llm, SERIAL_LINEARS) for _ in range(args.layers))
+    return layers.to(torch.bfloat16)
+
+
+def to_precision(layers: nn.ModuleList, precision: str, args: argparse.Namespace, ctx: ParallelContext) -> None:
+    """Convert the layers' linears for ``precision`` in place (FP8: ``apply_float8``; bf16: nothing)."""
     training = TrainingConfig(precision=precision)
     training.fp8.recipe, training.fp8.emulate = args.recipe, args.emulate
     converted = apply_float8(layers, training, ctx)
     assert (precision == "fp8") == bool(converted), "FP8 converts the layers' linears, bf16 none"
-    init_weights(layers, seed=args.seed, std=llm.init_std)
-    return layers.to(device=ctx.device, dtype=torch.bfloat16)
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -157,12 +162,14 @@ def run(args: argparse.Namespace) -> list[Result]:
         f"{type(attention).__name__}, {device}; {flops / 1e9:.4g} GFLOP per step; FP8 recipe {args.recipe}"
         f"{' (emulated)' if args.emulate else ''}"
     )
+    layers = build_layers(llm, args, device)  # the same weights in both precisions
     results = []
     for precision in PRECISIONS:
-        layers = build_layers(llm, precision, args, ctx)
+        to_precision(layers, precision, args, ctx)
         x = hidden.clone().requires_grad_(True)
 
         def step() -> None:
+            layers.zero_grad(set_to_none=True)
             h = x
             for layer in layers:
                 h = layer(h, layer_ctx)
@@ -172,9 +179,7 @@ def run(args: argparse.Namespace) -> list[Result]:
         tflops = flops / (ms * 1e-3) / 1e12
         results.append(Result(precision, ms, args.tokens / (ms * 1e-3), tflops, tflops / args.peak_tflops))
         print(f"   {precision:5s} {ms:10.2f} ms  {results[-1].tokens_per_s:12.0f} tokens/s  {tflops:8.1f} TFLOP/s  MFU {results[-1].mfu:6.1%}")
-        del layers, x
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        del x
     base, fp8 = results
     print(f"   fp8 vs bf16 (baseline): {base.ms / fp8.ms:.2f}x tokens/s")
     ctx.close()
