@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchao.float8.config import CastConfig, Float8LinearConfig, ScalingGranularity, ScalingType
 from torchao.float8.float8_training_tensor import GemmInputRole, LinearMMConfig, ScaledMMConfig, hp_tensor_and_scale_to_float8
@@ -141,7 +142,14 @@ class _Float8Matmul(torch.autograd.Function):
 
 
 def float8_linear(x: Tensor, weight: Tensor, scaling: Float8Scaling) -> Tensor:
-    """x [..., k] @ weight [m, k]^T -> [..., m] with the matmuls in float8 (no bias)."""
+    """x [..., k] @ weight [m, k]^T -> [..., m] with the matmuls in float8 (no bias).
+
+    An expert without tokens in this micro-batch (both experts run every step) has nothing to
+    scale: it takes the plain product (empty output, zero weight gradient). Every tp rank routes
+    the same tokens, so all of them skip the amax reductions together.
+    """
+    if x.numel() == 0:
+        return F.linear(x, weight)
     y = _Float8Matmul.apply(x.reshape(-1, x.shape[-1]), weight, scaling)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -174,6 +174,15 @@ def test_bias_and_bf16() -> None:
     assert ((y.double() - exact).abs() <= bound).all()
 
 
+def test_an_expert_without_tokens() -> None:
+    """Zero tokens (an expert the micro-batch routes nothing to) give [0, m] and a zero weight gradient."""
+    _, w, _ = _data()
+    linear = _fp8_linear(w, "tensorwise")
+    y, dx, dw = _run(linear, torch.zeros(0, 48), torch.zeros(0, 32))
+    assert y.shape == (0, 32) and dx.shape == (0, 48)
+    assert torch.equal(dw, torch.zeros_like(w))
+
+
 def test_unknown_linear_is_refused() -> None:
     class Other(nn.Linear):
         pass
