@@ -38,7 +38,7 @@ OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 
 STAGES=(env install kernels attention mot_step sanitizer pretrain)
-declare -A BUDGET=([env]=20 [install]=120 [kernels]=90 [attention]=90 [mot_step]=60 [sanitizer]=60 [pretrain]=60)
+declare -A BUDGET=([env]=20 [install]=120 [kernels]=90 [attention]=150 [mot_step]=60 [sanitizer]=90 [pretrain]=60)
 TOTAL_S=${GPU_CHECK_TOTAL_S:-480}
 SELECTED=("$@")
 if [ ${#SELECTED[@]} -eq 0 ]; then SELECTED=("${STAGES[@]}"); fi
@@ -77,7 +77,7 @@ cmds_kernels() {
 }
 
 cmds_attention() {
-  local common="--tokens 8192 32768 --masks causal_docs modus --backends cuda flex sdpa --warmup 3 --iters 10"
+  local common="--tokens 8192 32768 --masks causal_docs modus --backends cuda flex sdpa --warmup 2 --iters 5"
   echo "$PY bench/attention/bench_attention.py $common --q-heads 28 --kv-heads 4 --json $OUT/attention_28x4.json"
   echo "$PY bench/attention/bench_attention.py $common --q-heads 7 --kv-heads 1 --json $OUT/attention_7x1.json"
 }
