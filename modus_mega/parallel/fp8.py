@@ -13,8 +13,9 @@ Two FP8 backends, chosen by the linears the model was built with (``parallel.tp_
   linears in place (``parallel/fp8_torchao.py``). Runs on CPU too.
 - ``te``: Transformer Engine's linears under ``float8_autocast`` (``parallel/fp8_te.py``).
 
-Order of model construction: build, tensor parallelism, ``apply_float8``, initialisation,
-recomputation (any order after tensor parallelism works: FP8 changes only the linears' forward).
+Order of model construction: build (with the layout's linears), tensor parallelism,
+``apply_float8``, initialisation, recomputation. FP8 changes only the linears' forward, so its
+place among the steps after the build does not matter.
 """
 
 from __future__ import annotations
