@@ -172,6 +172,12 @@ def _worker(raw: dict, out: str) -> None:
         loss = _loss(serial, inputs, serial_cross_entropy)
         loss.backward()
         result["serial"] = (loss.item(), _grads(serial, ctx))
+        # A checkpoint of the FP8 model loads into the bf16/fp32 one and back (Megatron's _extra_state included).
+        plain = ModusModel(cfg.model, build_linears(ctx, cfg.model.llm))
+        fp8 = _model(cfg, ctx, "tensor_parallel")
+        plain.load_state_dict(fp8.state_dict())
+        fp8.load_state_dict(plain.state_dict())
+        result["state_dict_keys"] = (list(plain.state_dict()), list(fp8.state_dict()))
         for twin in TWINS:
             model = _model(cfg, ctx, twin)
             loss = _loss(model, inputs, cross_entropy_fn(ctx))
@@ -212,6 +218,12 @@ def test_local_amax_would_change_the_result(results: list[dict]) -> None:
     names = results[0]["without_group"]["tensorwise"]
     worst = {name: max(rank["without_group"]["tensorwise"][name] for rank in results) for name in names}
     assert all(excess > 100 for excess in worst.values()), worst  # the slice with the smaller amax differs
+
+
+def test_checkpoint_keys_are_the_same_in_fp8(results: list[dict]) -> None:
+    """At tp = 2 too (Megatron's linears carry ``_extra_state``): strict loads both ways ran in the worker."""
+    plain, fp8 = results[0]["state_dict_keys"]
+    assert plain == fp8 and any(key.endswith("q_proj._extra_state") for key in fp8)
 
 
 @pytest.mark.parametrize("twin", TWINS)
