@@ -177,8 +177,9 @@ def run(args: argparse.Namespace) -> list[Result]:
 
         ms = _time_ms(step, args.warmup, args.iters, device)
         tflops = flops / (ms * 1e-3) / 1e12
-        results.append(Result(precision, ms, args.tokens / (ms * 1e-3), tflops, tflops / args.peak_tflops))
-        print(f"   {precision:5s} {ms:10.2f} ms  {results[-1].tokens_per_s:12.0f} tokens/s  {tflops:8.1f} TFLOP/s  MFU {results[-1].mfu:6.1%}")
+        r = Result(precision, ms, args.tokens / (ms * 1e-3), tflops, tflops / args.peak_tflops)
+        results.append(r)
+        print(f"   {precision:5s} {ms:10.2f} ms  {r.tokens_per_s:12.0f} tokens/s  {tflops:8.1f} TFLOP/s  MFU {r.mfu:6.1%}")
         del x
     base, fp8 = results
     print(f"   fp8 vs bf16 (baseline): {base.ms / fp8.ms:.2f}x tokens/s")

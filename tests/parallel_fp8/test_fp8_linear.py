@@ -52,7 +52,10 @@ class Gemm:
 # recipe -> (output = x W^T, grad_input = g W, grad_weight = g^T x), power-of-2 scales; written from
 # torchao's recipe descriptions (Float8LinearRecipeName), not read from its config objects.
 RECIPES = {
-    "tensorwise": ((Gemm((E4M3, False), (E4M3, False)), Gemm((E5M2, False), (E4M3, False)), Gemm((E5M2, False), (E4M3, False))), False),
+    "tensorwise": (
+        (Gemm((E4M3, False), (E4M3, False)), Gemm((E5M2, False), (E4M3, False)), Gemm((E5M2, False), (E4M3, False))),
+        False,
+    ),
     "rowwise": ((Gemm((E4M3, True), (E4M3, True)), Gemm((E4M3, True), (E4M3, True)), Gemm((E4M3, True), (E4M3, True))), True),
     "rowwise_with_gw_hp": ((Gemm((E4M3, True), (E4M3, True)), Gemm((E4M3, True), (E4M3, False)), Gemm(None, None)), True),
 }
