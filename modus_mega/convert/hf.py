@@ -80,7 +80,7 @@ def hf_config(cfg: ModelConfig, has_vae: bool, dtype: torch.dtype | None) -> dic
         "has_vae": has_vae,
         "model": config_to_dict(cfg),
         "vocabulary": vocabulary_table(build_vocabulary(cfg.vocab)),
-        "modalities": [{"id": i, **dataclasses.asdict(m)} for i, m in enumerate(MODALITIES)],
+        "modalities": [{"id": i, **m.describe()} for i, m in enumerate(MODALITIES)],
     }
 
 

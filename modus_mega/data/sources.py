@@ -18,7 +18,9 @@ from modus_mega.config import DataConfig
 from modus_mega.data.augment import apply_geometry, random_geometry_for
 from modus_mega.data.documents import Sample
 from modus_mega.data.procedural import procedural_sample
-from modus_mega.data.shards import SkipCounter, SkipReason, iter_shard, prepare_sample, read_index
+from modus_mega.data.shard_format import SkipCounter
+from modus_mega.data.shard_reader import iter_shard, prepare_sample, read_index
+from modus_mega.modalities.faults import SkipReason
 from modus_mega.modalities import modality
 from modus_mega.tokenizers import ModalityTokenizers
 from modus_mega.vocab import Vocabulary
