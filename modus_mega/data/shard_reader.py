@@ -35,7 +35,7 @@ from modus_mega.data.shard_format import (
     in_table_order,
 )
 from modus_mega.modalities import modality, modality_of_file_key, to_image
-from modus_mega.modalities.codecs import Decoded
+from modus_mega.modalities.codecs import Decoded, DecodeLimits
 from modus_mega.modalities.faults import SampleError, SkipReason
 from modus_mega.modalities.values import Payload
 
@@ -64,14 +64,24 @@ def _split_name(file_name: str) -> tuple[str, str]:
     return stem, fmt.lower()
 
 
+class UnreadMember(bytes):
+    """Stands in for a tar member larger than ``limits.max_array_bytes``, skipped without reading it."""
+
+
 def decode_sample(
-    key: str, files: Iterable[tuple[str, bytes]], counter: SkipCounter, shard: str = "", index: int = 0
+    key: str,
+    files: Iterable[tuple[str, bytes]],
+    counter: SkipCounter,
+    shard: str = "",
+    index: int = 0,
+    limits: DecodeLimits = DecodeLimits(),
 ) -> RawSample:
     """Decode and validate one sample's files, ``[('rgb.jpg', b'...'), ...]`` (or ``dict.items()``).
 
     Unknown file keys are ignored and counted in ``counter.ignored_files``. Raises
-    ``SampleError`` (with its ``SkipReason``) if any file is bad, if the 2D modalities or the
-    box annotations disagree on the image size, or if no modality is usable.
+    ``SampleError`` (with its ``SkipReason``) if any file is bad or larger than ``limits``, if
+    the 2D modalities or the box annotations disagree on the image size, or if no modality is
+    usable.
     """
     decoded: dict[str, Decoded] = {}
     depth_valid: np.ndarray | None = None
@@ -88,10 +98,12 @@ def decode_sample(
         if file_key in seen:
             raise SampleError(SkipReason.DUPLICATE_FILE, f"{what}: {file_key} also stored as {seen[file_key]}")
         seen[file_key] = file_name
+        if isinstance(data, UnreadMember):
+            raise SampleError(SkipReason.TOO_LARGE, f"{what}: member larger than data.max_array_bytes={limits.max_array_bytes}")
         if row is None:
-            depth_valid = np.asarray(codec.decode(data, fmt, what).value)
+            depth_valid = np.asarray(codec.decode(data, fmt, what, limits).value)
         else:
-            decoded[row.name] = codec.decode(data, fmt, what)
+            decoded[row.name] = codec.decode(data, fmt, what, limits)
 
     where = f"{shard or '<memory>'}:{key}"
     modalities = {name: d.value for name, d in decoded.items() if not modality(name).codec.needs_image_size}
@@ -126,11 +138,12 @@ def decode_sample(
 
 
 # ----------------------------------------------------------------------------- reading shards
-def _group_members(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+def _group_members(tar: tarfile.TarFile, max_bytes: int | None = None) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """Consecutive members sharing a key form one sample (the webdataset convention).
 
     A group is yielded when the next key starts, or when the archive ends; a tar that breaks
-    inside a member raises ``tarfile.ReadError`` and that partial group is never yielded.
+    inside a member raises ``tarfile.ReadError`` and that partial group is never yielded. A
+    member larger than ``max_bytes`` is not read: an ``UnreadMember`` stands in for it.
     """
     key: str | None = None
     files: list[tuple[str, bytes]] = []
@@ -146,6 +159,9 @@ def _group_members(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, 
             yield key, files
             files = []
         key = member_key
+        if max_bytes is not None and member.size > max_bytes:
+            files.append((suffix, UnreadMember()))
+            continue
         extracted = tar.extractfile(member)
         assert extracted is not None
         files.append((suffix, extracted.read()))
@@ -158,6 +174,7 @@ def iter_shard(
     counter: SkipCounter,
     start: int = 0,
     expected_samples: int | None = None,
+    limits: DecodeLimits = DecodeLimits(),
 ) -> Iterator[RawSample]:
     """Yield the valid samples of one ``.tar`` shard, from sample position ``start`` on.
 
@@ -167,7 +184,9 @@ def iter_shard(
     the samples from the break on, counted as ``truncated_tar`` (the last sample before a
     missing marker is held back until the marker is checked, since it may lack files). With
     ``expected_samples`` (from the index) every promised sample that is absent is counted. A
-    shard that yields nothing is named in the log and in ``counter.failed_shards``.
+    shard that yields nothing is named in the log and in ``counter.failed_shards``. Any
+    exception from one sample (``MemoryError`` included) skips that sample only, counted by
+    reason; files are checked against ``limits`` from their headers before anything is allocated.
     """
     shard = os.fspath(path)
     position = 0  # index of the next sample group
@@ -177,9 +196,9 @@ def iter_shard(
     try:
         with open(shard, "rb") as handle:
             with tarfile.open(fileobj=handle, mode="r|") as tar:
-                for group in _group_members(tar):
+                for group in _group_members(tar, limits.max_array_bytes):
                     if pending is not None:
-                        sample = _decode_or_count(pending, counter, shard, position, start)
+                        sample = _decode_or_count(pending, counter, shard, position, start, limits)
                         position += 1
                         if sample is not None:
                             yielded += 1
@@ -192,18 +211,18 @@ def iter_shard(
         complete = len(tail) == 2 * tarfile.BLOCKSIZE and not any(tail)
         if not complete:
             logger.warning("shard %s lacks the tar end-of-archive marker: truncated", shard)
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except Exception as err:  # a broken or hostile archive loses its tail, never the job
         # The group in flight is partial and never came out; `pending` is complete.
         logger.warning("shard %s breaks after %d samples: %s", shard, position + (pending is not None), err)
         if pending is not None:
-            sample = _decode_or_count(pending, counter, shard, position, start)
+            sample = _decode_or_count(pending, counter, shard, position, start, limits)
             position += 1
             if sample is not None:
                 yielded += 1
                 yield sample
             pending = None
     if complete and pending is not None:
-        sample = _decode_or_count(pending, counter, shard, position, start)
+        sample = _decode_or_count(pending, counter, shard, position, start, limits)
         position += 1
         if sample is not None:
             yielded += 1
@@ -218,16 +237,31 @@ def iter_shard(
 
 
 def _decode_or_count(
-    group: tuple[str, list[tuple[str, bytes]]], counter: SkipCounter, shard: str, index: int, start: int
+    group: tuple[str, list[tuple[str, bytes]]],
+    counter: SkipCounter,
+    shard: str,
+    index: int,
+    start: int,
+    limits: DecodeLimits,
 ) -> RawSample | None:
-    """Decode one sample group at shard position ``index``; None if before ``start`` or skipped."""
+    """Decode one sample group at shard position ``index``; None if before ``start`` or skipped.
+
+    Whatever goes wrong with one sample skips that sample: a ``SampleError`` under its reason,
+    ``MemoryError`` as ``out_of_memory``, anything else as ``unexpected_error``.
+    """
     if index < start:
         return None
     key, files = group
     try:
-        sample = decode_sample(key, files, counter, shard=shard, index=index)
+        sample = decode_sample(key, files, counter, shard=shard, index=index, limits=limits)
     except SampleError as err:
         counter.skip(err.reason, str(err))
+        return None
+    except MemoryError as err:
+        counter.skip(SkipReason.OUT_OF_MEMORY, f"{shard}:{key}: MemoryError {err}")
+        return None
+    except Exception as err:  # noqa: BLE001 - one bad sample must never end the job
+        counter.skip(SkipReason.UNEXPECTED_ERROR, f"{shard}:{key}: {type(err).__name__}: {err}")
         return None
     counter.samples_ok += 1
     return sample

@@ -43,6 +43,14 @@ class Decoded:
 
 
 @dataclass(frozen=True)
+class DecodeLimits:
+    """Sizes a file may claim in its header; checked before anything is allocated (``data.max_*``)."""
+
+    max_image_pixels: int = 1 << 26  # width x height of an image (the DataConfig default)
+    max_array_bytes: int = 1 << 30  # bytes of a .npy array, and of any tar member (the DataConfig default)
+
+
+@dataclass(frozen=True)
 class EncodeOptions:
     """How a writer stores values: rgb container, feature precision, JPEG quality."""
 
@@ -58,8 +66,8 @@ class Codec:
     formats: tuple[str, ...] = ()  # accepted extensions, lower case; the first is written
     needs_image_size = False  # True for box annotations: ``place`` runs once the size is known
 
-    def decode(self, data: bytes, fmt: str, what: str) -> Decoded:
-        """Decode the bytes of one file of format ``fmt``; ``what`` names it in errors."""
+    def decode(self, data: bytes, fmt: str, what: str, limits: DecodeLimits) -> Decoded:
+        """Decode the bytes of one file of format ``fmt`` within ``limits``; ``what`` names it in errors."""
         raise NotImplementedError
 
     def encode(self, value: Payload, options: EncodeOptions) -> dict[str, bytes]:
@@ -74,18 +82,52 @@ class Codec:
 # ----------------------------------------------------------------------------- helpers
 
 
-def decode_pil(data: bytes, what: str) -> Image.Image:
-    """A fully decoded PIL image; truncated or corrupt data is ``undecodable``."""
+def _open_pil(data: bytes, what: str, limits: DecodeLimits) -> Image.Image:
+    """A lazily opened PIL image (header read, pixels not), refused if it claims too many pixels."""
     try:
         image = Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise SampleError(SkipReason.UNDECODABLE, f"{what}: cannot decode image ({err})") from None
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise SampleError(
+            SkipReason.TOO_LARGE,
+            f"{what}: {width}x{height} image exceeds data.max_image_pixels={limits.max_image_pixels}",
+        )
+    return image
+
+
+def decode_pil(data: bytes, what: str, limits: DecodeLimits) -> Image.Image:
+    """A fully decoded PIL image; too large (by its header) is ``too_large``, truncated or corrupt ``undecodable``."""
+    image = _open_pil(data, what, limits)
+    try:
         image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES stays False)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise SampleError(SkipReason.UNDECODABLE, f"{what}: cannot decode image ({err})") from None
     return image
 
 
-def decode_npy(data: bytes, what: str) -> np.ndarray:
-    """The array of one ``.npy`` file (never unpickles)."""
+def _npy_header(data: bytes, what: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a ``.npy`` header, without reading the array."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(stream)
+    except (OSError, ValueError, EOFError, SyntaxError, TypeError) as err:
+        raise SampleError(SkipReason.UNDECODABLE, f"{what}: cannot decode .npy ({err})") from None
+    return shape, dtype
+
+
+def decode_npy(data: bytes, what: str, limits: DecodeLimits) -> np.ndarray:
+    """The array of one ``.npy`` file (never unpickles); the size its header claims is checked before loading."""
+    shape, dtype = _npy_header(data, what)
+    claimed = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    if claimed > limits.max_array_bytes:
+        raise SampleError(
+            SkipReason.TOO_LARGE,
+            f"{what}: .npy header claims {shape} {dtype} ({claimed} bytes) > data.max_array_bytes={limits.max_array_bytes}",
+        )
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -143,8 +185,8 @@ class RgbCodec(Codec):
 
     formats = ("jpg", "jpeg", "png", "webp")
 
-    def decode(self, data: bytes, fmt: str, what: str) -> Decoded:
-        image = decode_pil(data, what)
+    def decode(self, data: bytes, fmt: str, what: str, limits: DecodeLimits) -> Decoded:
+        image = decode_pil(data, what, limits)
         if image.mode not in ("RGB", "RGBA", "L", "P", "CMYK", "LA", "YCbCr"):
             raise SampleError(SkipReason.BAD_SHAPE, f"{what}: unsupported image mode {image.mode!r}")
         return Decoded(np.asarray(image.convert("RGB"), dtype=np.uint8))  # [H, W, 3]
@@ -166,9 +208,9 @@ class DepthCodec(Codec):
 
     formats = ("png", "npy")
 
-    def decode(self, data: bytes, fmt: str, what: str) -> Decoded:
+    def decode(self, data: bytes, fmt: str, what: str, limits: DecodeLimits) -> Decoded:
         if fmt == "png":
-            image = decode_pil(data, what)
+            image = decode_pil(data, what, limits)
             if image.mode in ("L", "P", "1"):
                 raise SampleError(
                     SkipReason.BAD_VALUE, f"{what}: depth PNGs must be 16-bit millimetres, got 8-bit"
@@ -178,7 +220,7 @@ class DepthCodec(Codec):
                 raise SampleError(SkipReason.BAD_VALUE, f"{what}: negative depth")
             depth = (millimetres / DEPTH_PNG_SCALE).astype(np.float32)
         else:
-            depth = decode_npy(data, what)
+            depth = decode_npy(data, what, limits)
             if depth.ndim == 3 and depth.shape[-1] == 1:
                 depth = depth[..., 0]
             if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number):
@@ -204,10 +246,10 @@ class MaskCodec(Codec):
 
     formats = ("png", "npy")
 
-    def decode(self, data: bytes, fmt: str, what: str) -> Decoded:
+    def decode(self, data: bytes, fmt: str, what: str, limits: DecodeLimits) -> Decoded:
         if fmt == "png":
-            return Decoded(_single_channel(decode_pil(data, what), what) != 0)
-        mask = decode_npy(data, what)
+            return Decoded(_single_channel(decode_pil(data, what, limits), what) != 0)
+        mask = decode_npy(data, what, limits)
         if mask.ndim != 2:
             raise SampleError(SkipReason.BAD_SHAPE, f"{what}: mask must be [H, W], got {mask.shape}")
         return Decoded(mask.astype(bool))
@@ -222,9 +264,10 @@ class NormalCodec(Codec):
 
     formats = ("png", "npy")
 
-    def decode(self, data: bytes, fmt: str, what: str) -> Decoded:
+    def decode(self, data: bytes, fmt: str, what: str, limits: DecodeLimits) -> Decoded:
         """A vector shorter than 0.5 is invalid; PNGs map [0, full scale] to [-1, 1]."""
         if fmt == "png":
+            _open_pil(data, what, limits)  # the size check, before OpenCV allocates
             raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # keeps 16-bit
             if raw is None:
                 raise SampleError(SkipReason.UNDECODABLE, f"{what}: cannot decode PNG")
@@ -233,7 +276,7 @@ class NormalCodec(Codec):
             full_scale = 65535.0 if raw.dtype == np.uint16 else 255.0
             normal = raw[..., 2::-1].astype(np.float32) / full_scale * 2.0 - 1.0  # BGR -> RGB = xyz
         else:
-            normal = decode_npy(data, what)
+            normal = decode_npy(data, what, limits)
             if normal.ndim != 3 or normal.shape[2] != 3:
                 raise SampleError(SkipReason.BAD_SHAPE, f"{what}: normals must be [H, W, 3], got {normal.shape}")
             normal = normal.astype(np.float32)
@@ -255,11 +298,11 @@ class LabelsCodec(Codec):
     formats = ("png", "npy")
     value_range = (0, np.iinfo(np.int32).max)
 
-    def decode(self, data: bytes, fmt: str, what: str) -> Decoded:
+    def decode(self, data: bytes, fmt: str, what: str, limits: DecodeLimits) -> Decoded:
         if fmt == "png":
-            labels = _single_channel(decode_pil(data, what), what)
+            labels = _single_channel(decode_pil(data, what, limits), what)
         else:
-            labels = decode_npy(data, what)
+            labels = decode_npy(data, what, limits)
             if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
                 raise SampleError(
                     SkipReason.BAD_SHAPE, f"{what}: labels must be integer [H, W], got {labels.dtype} {labels.shape}"
@@ -281,8 +324,8 @@ class EdgesCodec(Codec):
 
     formats = ("png",)
 
-    def decode(self, data: bytes, fmt: str, what: str) -> Decoded:
-        return Decoded(_single_channel(decode_pil(data, what), what) != 0)
+    def decode(self, data: bytes, fmt: str, what: str, limits: DecodeLimits) -> Decoded:
+        return Decoded(_single_channel(decode_pil(data, what, limits), what) != 0)
 
     def encode(self, value: Payload, options: EncodeOptions) -> dict[str, bytes]:
         assert isinstance(value, np.ndarray)
@@ -297,7 +340,7 @@ class CaptionCodec(Codec):
 
     formats = ("json", "txt")
 
-    def decode(self, data: bytes, fmt: str, what: str) -> Decoded:
+    def decode(self, data: bytes, fmt: str, what: str, limits: DecodeLimits) -> Decoded:
         if fmt == "txt":
             try:
                 texts: Any = [data.decode("utf-8")]
@@ -357,7 +400,7 @@ class BoxCodec(Codec):
 class DetectionsCodec(BoxCodec):
     """detection: ``Detections`` from ``{"objects": [{"box", "class", "score"?}], "width"?, "height"?}``."""
 
-    def decode(self, data: bytes, fmt: str, what: str) -> Decoded:
+    def decode(self, data: bytes, fmt: str, what: str, limits: DecodeLimits) -> Decoded:
         raw = _decode_json(data, what)
         if not isinstance(raw, dict) or not isinstance(raw.get("objects"), list):
             raise SampleError(SkipReason.BAD_ANNOTATION, f"{what}: expected {{'objects': [...], ...}}")
@@ -387,7 +430,7 @@ class DetectionsCodec(BoxCodec):
 class GroundingsCodec(BoxCodec):
     """grounding: ``Groundings`` from ``{"phrases": [{"expression", "box"}]}`` or one ``{"expression", "box"}``."""
 
-    def decode(self, data: bytes, fmt: str, what: str) -> Decoded:
+    def decode(self, data: bytes, fmt: str, what: str, limits: DecodeLimits) -> Decoded:
         raw = _decode_json(data, what)
         if isinstance(raw, dict) and "expression" in raw:  # single-phrase form
             phrases = [{"expression": raw["expression"], "box": raw.get("box")}]
@@ -424,8 +467,8 @@ class FeatureCodec(Codec):
 
     formats = ("npy",)
 
-    def decode(self, data: bytes, fmt: str, what: str) -> Decoded:
-        feature = decode_npy(data, what)
+    def decode(self, data: bytes, fmt: str, what: str, limits: DecodeLimits) -> Decoded:
+        feature = decode_npy(data, what, limits)
         if not np.issubdtype(feature.dtype, np.floating):
             raise SampleError(SkipReason.BAD_VALUE, f"{what}: features must be floating point, got {feature.dtype}")
         if not self.local:

@@ -22,6 +22,10 @@ class SkipReason(str, enum.Enum):
     DUPLICATE_FILE = "duplicate_file"  # two files for one modality in one sample
     NO_USABLE_MODALITY = "no_usable_modality"  # nothing MODUS can read in the sample
     NO_USABLE_TARGET = "no_usable_target"  # used by the document builder: no allowed target present
+    TOO_LARGE = "too_large"  # a header claims more pixels or bytes than data.max_image_pixels / max_array_bytes
+    OUT_OF_MEMORY = "out_of_memory"  # MemoryError while reading or preparing the sample
+    UNEXPECTED_ERROR = "unexpected_error"  # any other exception from one sample (named at debug level)
+    IGNORED_FILES = "ignored_files"  # not a sample: files with an unknown key or extension, which are dropped
 
 
 class SampleError(ValueError):
