@@ -99,7 +99,8 @@ def decode_sample(
             raise SampleError(SkipReason.DUPLICATE_FILE, f"{what}: {file_key} also stored as {seen[file_key]}")
         seen[file_key] = file_name
         if isinstance(data, UnreadMember):
-            raise SampleError(SkipReason.TOO_LARGE, f"{what}: member larger than data.max_array_bytes={limits.max_array_bytes}")
+            limit = limits.max_array_bytes
+            raise SampleError(SkipReason.TOO_LARGE, f"{what}: member larger than data.max_array_bytes={limit}")
         if row is None:
             depth_valid = np.asarray(codec.decode(data, fmt, what, limits).value)
         else:

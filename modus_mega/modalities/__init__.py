@@ -80,7 +80,9 @@ MODALITIES: tuple[Modality, ...] = (
     Modality("dinov2_local", "1d", "feature_local", "dinov2_local", FeatureCodec(local=True), geometry.warp_local_features),
     Modality("clip_global", "1d", "feature_global", "clip_global", FeatureCodec(local=False), geometry.keep),
     Modality("imagebind_global", "1d", "feature_global", "imagebind_global", FeatureCodec(local=False), geometry.keep),
-    Modality("imagebind_local", "1d", "feature_local", "imagebind_local", FeatureCodec(local=True), geometry.warp_local_features),
+    Modality(
+        "imagebind_local", "1d", "feature_local", "imagebind_local", FeatureCodec(local=True), geometry.warp_local_features
+    ),
 )
 
 

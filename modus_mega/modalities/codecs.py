@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -83,10 +84,18 @@ class Codec:
 
 
 def _open_pil(data: bytes, what: str, limits: DecodeLimits) -> Image.Image:
-    """A lazily opened PIL image (header read, pixels not), refused if it claims too many pixels."""
+    """A lazily opened PIL image (header read, pixels not), refused if it claims too many pixels.
+
+    ``limits`` governs, not PIL's own bomb threshold: its warning is silenced here and its error
+    (twice its threshold) is ``too_large`` like ours.
+    """
     try:
-        image = Image.open(io.BytesIO(data))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise SampleError(SkipReason.TOO_LARGE, f"{what}: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise SampleError(SkipReason.UNDECODABLE, f"{what}: cannot decode image ({err})") from None
     width, height = image.size
     if width * height > limits.max_image_pixels:

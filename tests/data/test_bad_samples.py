@@ -9,6 +9,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -72,11 +73,23 @@ def test_npy_header_claiming_a_huge_array_is_refused_unloaded() -> None:
     assert reason_of(files) is SkipReason.TOO_LARGE
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("name", ["rgb.png", "depth.png", "normal.png", "seg.png", "canny.png"])
-def test_image_header_claiming_12000_squared_is_refused_undecoded(name: str) -> None:
-    files = {**files_of(0), name: png_header_only(12000, 12000)}
+@pytest.mark.parametrize("side", [12000, 20000])  # 20000^2 is past PIL's own bomb error too
+def test_png_header_claiming_a_huge_image_is_refused_undecoded(name: str, side: int) -> None:
+    files = {**files_of(0), name: png_header_only(side, side)}
     assert reason_of(files) is SkipReason.TOO_LARGE  # a decode would say undecodable: the data is 7 bytes
+
+
+def test_jpeg_header_claiming_12000_squared_is_refused_undecoded() -> None:
+    ok, jpeg = cv2.imencode(".jpg", np.zeros((32, 32, 3), np.uint8))
+    data = bytearray(jpeg.tobytes())
+    frame = data.index(b"\xff\xc0")  # SOF0: marker, length (2), precision (1), height (2), width (2)
+    data[frame + 5 : frame + 9] = struct.pack(">HH", 12000, 12000)
+    assert ok and reason_of({**without(files_of(0), "rgb."), "rgb.jpg": bytes(data)}) is SkipReason.TOO_LARGE
+
+
+def without(files: dict[str, bytes], prefix: str) -> dict[str, bytes]:
+    return {name: data for name, data in files.items() if not name.startswith(prefix)}
 
 
 def test_image_limit_is_configurable() -> None:
@@ -105,8 +118,7 @@ def test_any_exception_skips_only_its_sample(tmp_path: Path, monkeypatch, error:
 def test_unknown_extension_is_counted_and_an_oversized_member_left_unread(tmp_path: Path) -> None:
     path = tmp_path / "s-000000.tar"
     samples = [(synth.sample_key(0), {**files_of(0), "rgb.exe": b"MZ"}), (synth.sample_key(1), files_of(1))]
-    long_caption = {name: data for name, data in files_of(2).items() if not name.startswith("caption.")}
-    samples.append((synth.sample_key(2), {**long_caption, "caption.txt": b"x" * 5000}))
+    samples.append((synth.sample_key(2), {**without(files_of(2), "caption."), "caption.txt": b"x" * 5000}))
     write_shard(path, samples)
     counter = SkipCounter()
     read = list(iter_shard(path, counter, limits=DecodeLimits(max_array_bytes=4096)))
@@ -142,7 +154,9 @@ def shard_source(tiny_config, shards: Path, text_tokenizer: Path) -> ShardSource
     return ShardSource(tiny_config.data, build_vocabulary(tiny_config.model.vocab), size_multiple=16)
 
 
-def test_source_skips_a_failing_sample_and_logs_ignored_files(tiny_config, tmp_path: Path, text_tokenizer: Path, monkeypatch) -> None:
+def test_source_skips_a_failing_sample_and_logs_ignored_files(
+    tiny_config, tmp_path: Path, text_tokenizer: Path, monkeypatch
+) -> None:
     from modus_mega.training.loop import SKIP_REASONS
 
     samples = [(synth.sample_key(i), {**files_of(i), "rgb.exe": b"MZ"}) for i in range(3)]
@@ -166,7 +180,9 @@ def test_source_skips_a_failing_sample_and_logs_ignored_files(tiny_config, tmp_p
     assert "ignored_files" in SKIP_REASONS  # so the training log carries skipped/ignored_files
 
 
-def test_source_of_only_broken_shards_stops_instead_of_reading_forever(tiny_config, tmp_path: Path, text_tokenizer: Path) -> None:
+def test_source_of_only_broken_shards_stops_instead_of_reading_forever(
+    tiny_config, tmp_path: Path, text_tokenizer: Path
+) -> None:
     for index in range(2):
         (tmp_path / shard_name("bad", index)).write_bytes(b"not a tar archive at all" * 40)
     write_index(tmp_path, [(shard_name("bad", i), 3) for i in range(2)])

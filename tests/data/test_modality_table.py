@@ -130,3 +130,26 @@ def test_training_with_them_as_target_and_condition(dataset: Path, tmp_path: Pat
     logged = {key for record in records for key in record if key.startswith("loss/")}
     assert logged == {"loss/heat", "loss/toy_global"}
     assert all(np.isfinite(record["loss"]) for record in records)
+
+
+DISCRETE = ("seg", "sam_seg", "canny", "sam_edge")  # snapped after generation; the other maps are continuous
+
+
+@pytest.mark.parametrize("name", ["rgb", "depth", "normal", "seg", "sam_seg", "canny", "sam_edge"])
+def test_every_2d_row_snaps_and_renders_for_people(name: str) -> None:
+    sample = decode_sample("k", synth.sample_files(0, SYNTH).items(), SkipCounter())
+    image = modalities.to_image(name, sample.modalities[name], sample.valid.get(name))  # [3, H, W]
+    noise = np.random.default_rng(0).normal(scale=0.02, size=image.shape).astype(np.float32)  # well below palette spacing
+    generated = np.clip(image + noise, -1.0, 1.0)
+    snapped = modalities.snap(name, generated)
+    assert np.array_equal(snapped, image if name in DISCRETE else generated)
+    picture = modalities.render_for_people(name, generated)
+    assert picture.shape == (32, 32, 3) and picture.dtype == np.uint8
+    if name == "rgb":
+        assert np.array_equal(modalities.render_for_people(name, image), sample.modalities["rgb"])
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 1  # a picture, not a flat fill
+
+
+def test_1d_rows_have_no_picture() -> None:
+    with pytest.raises(ValueError, match="1D modality"):
+        modalities.render_for_people("caption", np.zeros((3, 4, 4), np.float32))
