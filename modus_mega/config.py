@@ -142,6 +142,8 @@ class DataConfig:
     target_weights: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "rgb": 1.0})  # target sampling
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 1234  # seed of the data order and of every per-sample random choice
+    max_image_pixels: int = 1 << 26  # source=shards: an image whose header claims more pixels is skipped undecoded
+    max_array_bytes: int = 1 << 30  # source=shards: a .npy (by its header) or tar member larger than this is skipped unread
 
 
 # ----------------------------------------------------------------------------- training
@@ -464,6 +466,8 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("data.augment.crop_min_side", "must lie in (0, 1]")
     if data.num_workers < 0:
         fail("data.num_workers", "must be 0 or more")
+    if data.max_image_pixels < 1 or data.max_array_bytes < 1:
+        fail("data.max_image_pixels" if data.max_image_pixels < 1 else "data.max_array_bytes", "must be positive")
     if config.data.token_budget < 16:
         fail("data.token_budget", "must be at least 16 tokens")
     if config.data.image_size % (config.model.vae.downsample * config.model.latent_patch_size):
