@@ -21,6 +21,7 @@ RUNTIME_REQUIREMENTS = [
     "torch>=2.6",
     "deepspeed>=0.16",
     "megatron-core>=0.12,<0.17",
+    "torchao>=0.18",  # FP8 linears (training.precision = "fp8"); pure Python, runs on CPU
     "transformers>=5.0",
     "safetensors>=0.4",
     "einops>=0.7",

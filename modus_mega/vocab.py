@@ -5,9 +5,9 @@ Layout (ids grow downwards; everything after the text vocabulary is new to MODUS
     [0, text_vocab_size)                  pretrained text vocabulary (BAGEL / Qwen2), untouched
     vision_start, vision_end               only if not inside the text vocabulary
     end_of_segment                         closes every 1D segment, so generation knows when to stop
-    start markers                          one <start:{modality}> per modality, in MODALITIES order
+    start markers                          one <start:{modality}> per modality, in modality-table order
     coordinate bins                        box coordinates quantised into `coordinate_bins` bins
-    codebooks                              `codebook_size` ids per feature modality, FEATURE_MODALITIES order
+    codebooks                              `codebook_size` ids per feature modality, feature_modalities() order
     padding                                up to a multiple of `vocab_multiple` (never a target)
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modus_mega.config import VocabConfig
-from modus_mega.modalities import FEATURE_MODALITIES, MODALITY_ID, MODALITY_NAMES
+from modus_mega.modalities import feature_modalities, modality_id, modality_names
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Vocabulary:
     vision_start_id: int
     vision_end_id: int
     end_of_segment_id: int
-    start_markers: IdRange  # MODALITY_ID order
+    start_markers: IdRange  # modality_id order
     coordinates: IdRange
     codebooks: dict[str, IdRange]  # feature modality -> its codebook ids
     num_tokens: int  # real tokens (text + new)
@@ -49,7 +49,7 @@ class Vocabulary:
 
     def start_marker(self, modality_name: str) -> int:
         """The id of ``<start:{modality_name}>``."""
-        return self.start_markers.start + MODALITY_ID[modality_name]
+        return self.start_markers.start + modality_id(modality_name)
 
     def coordinate(self, bin_index: int) -> int:
         """The id of coordinate bin ``bin_index`` in ``[0, coordinate_bins)``."""
@@ -83,9 +83,9 @@ def build_vocabulary(cfg: VocabConfig) -> Vocabulary:
     vision_start = cfg.vision_start_id if cfg.vision_start_id is not None else take(1).start
     vision_end = cfg.vision_end_id if cfg.vision_end_id is not None else take(1).start
     end_of_segment = take(1).start
-    start_markers = take(len(MODALITY_NAMES))
+    start_markers = take(len(modality_names()))
     coordinates = take(cfg.coordinate_bins)
-    codebooks = {name: take(cfg.codebook_size) for name in FEATURE_MODALITIES}
+    codebooks = {name: take(cfg.codebook_size) for name in feature_modalities()}
     num_tokens = cursor
     multiple = cfg.vocab_multiple
     padded = -(-num_tokens // multiple) * multiple

@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DATA=runs/demo/data
-[ -f $DATA/index.json ] || $PY -m modus_mega.data.synth --out $DATA --num-samples 512 --image-size 64 \
+[ -f $DATA/index.json ] || $PY -m modus_mega.datasets.synth --out $DATA --num-samples 512 --image-size 64 \
   --samples-per-shard 64 --feature-grid 4
-[ -f runs/demo/text_tokenizer/tokenizer.json ] || $PY -m modus_mega.tokenizers.train_text --shards $DATA \
+[ -f runs/demo/text_tokenizer/tokenizer.json ] || $PY -m modus_mega.datasets.train_text --shards $DATA \
   --out runs/demo/text_tokenizer --vocab-size 512
-[ -f runs/demo/vq/vq.json ] || $PY -m modus_mega.tokenizers.train_vq --shards $DATA --out runs/demo/vq --codebook-size 32
+[ -f runs/demo/vq/vq.json ] || $PY -m modus_mega.datasets.train_vq --shards $DATA --out runs/demo/vq --codebook-size 32
 $PY launch/pretrain.py --config configs/tiny_shards.json "$@"

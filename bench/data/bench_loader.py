@@ -20,10 +20,10 @@ from pathlib import Path
 
 from modus_mega.config import load_config
 from modus_mega.data.loader import PackedLoader
-from modus_mega.data.synth import SynthConfig, write_dataset
+from modus_mega.datasets.synth import SynthConfig, write_dataset
 from modus_mega.modalities import MODALITY_NAMES
-from modus_mega.tokenizers.train_text import main as train_text
-from modus_mega.tokenizers.train_vq import main as train_vq
+from modus_mega.datasets.train_text import main as train_text
+from modus_mega.datasets.train_vq import main as train_vq
 from modus_mega.vocab import build_vocabulary
 
 REPO = Path(__file__).resolve().parents[2]

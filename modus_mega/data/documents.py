@@ -25,7 +25,7 @@ from torch import Tensor
 
 from modus_mega.config import DataConfig, ModelConfig, TimestepConfig
 from modus_mega.flow import sample_timesteps
-from modus_mega.modalities import MODALITY_ID, modality
+from modus_mega.modalities import modality, modality_id
 from modus_mega.model.inputs import TOKEN_TEXT, TOKEN_VAE, TOKEN_VIT
 from modus_mega.ops.mask import SplitMode
 from modus_mega.vocab import Vocabulary
@@ -168,7 +168,7 @@ class DocumentBuilder:
         doc.next_position += len(ids)
         doc.input_ids += ids
         doc.token_type += [TOKEN_TEXT] * len(ids)
-        doc.modality_ids += [MODALITY_ID[name]] * len(ids)
+        doc.modality_ids += [modality_id(name)] * len(ids)
         doc.position_ids += range(start, start + len(ids))
         doc.ce_labels += ids[1:] + [IGNORE_LABEL] if supervised else [IGNORE_LABEL] * len(ids)
         _extend_layout(doc.layout, "causal", len(ids))
@@ -181,7 +181,7 @@ class DocumentBuilder:
         length = num + 2
         doc.input_ids += [self.vocab.vision_start_id] + [0] * num + [self.vocab.vision_end_id]
         doc.token_type += [TOKEN_TEXT] + [token_type] * num + [TOKEN_TEXT]
-        doc.modality_ids += [MODALITY_ID[name]] * length
+        doc.modality_ids += [modality_id(name)] * length
         doc.position_ids += [position] * length
         doc.ce_labels += [IGNORE_LABEL] * length
         doc.layout.append((mode, length))

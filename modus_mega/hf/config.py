@@ -10,7 +10,6 @@ lay out differently (token ids would silently move).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -42,7 +41,7 @@ def vocabulary_table(vocab: Vocabulary) -> dict:
 
 def modality_table() -> list[dict]:
     """The modality table as plain JSON, in id order."""
-    return [{"id": i, **dataclasses.asdict(m)} for i, m in enumerate(MODALITIES)]
+    return [{"id": i, **m.describe()} for i, m in enumerate(MODALITIES)]
 
 
 class ModusHFConfig(PretrainedConfig):

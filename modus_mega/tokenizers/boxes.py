@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from modus_mega.data.shards import Detections, Groundings
+from modus_mega.modalities.values import Detections, Groundings
 from modus_mega.tokenizers.text import TextTokenizer
 from modus_mega.vocab import Vocabulary
 

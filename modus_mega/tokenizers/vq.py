@@ -14,7 +14,7 @@ range of the extended vocabulary (``vocab.codebooks[name]``, ``codebook_size`` i
 
 Codebooks are trained by k-means (k-means++ seeding, Lloyd iterations, empty clusters
 re-seeded at the worst-fit points), deterministic for a seed; ``python -m
-modus_mega.tokenizers.train_vq`` trains all five from shards. Codebooks are stored as
+modus_mega.datasets.train_vq`` trains all five from shards. Codebooks are stored as
 safetensors (``{modality}.safetensors``, tensor ``codebooks`` [num_stages, K, D]).
 
 Shapes: N vectors, D feature width, K codebook size, S stages (tokens per global feature).
@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from modus_mega.modalities import FEATURE_MODALITIES, modality
+from modus_mega.modalities import feature_modalities, modality
 from modus_mega.vocab import IdRange, Vocabulary
 
 FORMAT_VERSION = "1"
@@ -105,7 +105,7 @@ class FeatureQuantizer:
     def __init__(self, modality_name: str, codebooks: torch.Tensor) -> None:
         kind = modality(modality_name).kind
         if kind not in ("feature_global", "feature_local"):
-            raise ValueError(f"{modality_name!r} is not a feature modality; feature modalities: {FEATURE_MODALITIES}")
+            raise ValueError(f"{modality_name!r} is not a feature modality; feature modalities: {feature_modalities()}")
         if codebooks.ndim != 3:
             raise ValueError(f"codebooks must be [num_stages, K, D], got {tuple(codebooks.shape)}")
         if kind == "feature_local" and codebooks.shape[0] != 1:
@@ -178,7 +178,7 @@ class FeatureQuantizer:
         if len(id_range) != self.codebook_size:
             raise ValueError(
                 f"{self.modality}: codebook has {self.codebook_size} entries but model.vocab.codebook_size is "
-                f"{len(id_range)}; retrain with `python -m modus_mega.tokenizers.train_vq --codebook-size {len(id_range)}`"
+                f"{len(id_range)}; retrain with `python -m modus_mega.datasets.train_vq --codebook-size {len(id_range)}`"
             )
         return id_range
 
@@ -237,14 +237,14 @@ def relative_error(quantizer: FeatureQuantizer, vectors: np.ndarray | torch.Tens
 
 
 def load_quantizers(
-    directory: str | os.PathLike[str], vocab: Vocabulary, modalities: Iterable[str] = FEATURE_MODALITIES
+    directory: str | os.PathLike[str], vocab: Vocabulary, modalities: Iterable[str] | None = None
 ) -> dict[str, FeatureQuantizer]:
-    """Load ``{modality}.safetensors`` for each modality, checking sizes against ``vocab``."""
+    """Load ``{modality}.safetensors`` for each modality (None: every feature modality), checking sizes against ``vocab``."""
     quantizers = {}
-    for name in modalities:
+    for name in feature_modalities() if modalities is None else modalities:
         path = Path(directory) / f"{name}.safetensors"
         if not path.is_file():
-            raise ValueError(f"no codebook {path}; train one with `python -m modus_mega.tokenizers.train_vq`")
+            raise ValueError(f"no codebook {path}; train one with `python -m modus_mega.datasets.train_vq`")
         quantizer = FeatureQuantizer.load(path)
         if quantizer.modality != name:
             raise ValueError(f"{path} holds the codebook of {quantizer.modality}, not {name}")

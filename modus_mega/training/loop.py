@@ -30,7 +30,7 @@ from tqdm import tqdm
 from modus_mega.config import ModusConfig, save_config
 from modus_mega.data.loader import PackedLoader
 from modus_mega.data.packing import TOO_LONG
-from modus_mega.data.shards import SkipReason
+from modus_mega.modalities.faults import SkipReason
 from modus_mega.modalities import MODALITY_NAMES
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.watchdog import Watchdog
@@ -50,7 +50,7 @@ from modus_mega.training.observability import ThroughputMeter, WandbRun
 from modus_mega.training.prepare import prepare_step_inputs
 from modus_mega.training.schedule import learning_rate
 
-# Why samples are skipped: the readers' reasons (data/shards.py), then the packer's (data/packing.py).
+# Why samples are skipped: the readers' reasons (modalities/faults.py), then the packer's (data/packing.py).
 SKIP_REASONS = tuple(reason.value for reason in SkipReason) + (TOO_LONG,)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from modus_mega.data.augment import Geometry, apply_geometry, draw_geometry, swap_left_right
-from modus_mega.data.shards import Detections, Groundings, RawSample
+from modus_mega.data.augment import apply_geometry, draw_geometry
+from modus_mega.modalities.geometry import Geometry, swap_left_right
+from modus_mega.data.shard_format import RawSample
+from modus_mega.modalities.values import Detections, Groundings
 
 
 def square_sample(h: int = 96, w: int = 128) -> RawSample:

@@ -16,9 +16,10 @@ import transformers as tf
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from modus_mega.data import build_shards, labelers, synth
-from modus_mega.data.labelers import LabelerOptions
-from modus_mega.data.shards import SkipCounter, iter_shard, read_index
+from modus_mega.datasets import build_shards, labelers, synth
+from modus_mega.datasets.labelers import LabelerOptions
+from modus_mega.data.shard_format import SkipCounter
+from modus_mega.data.shard_reader import iter_shard, read_index
 
 SIZE = 32  # sample side in the end-to-end tests
 RESOLUTION = 32  # input side of the tiny models

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 
 from modus_mega.data.loader import PackedLoader
-from modus_mega.data.shards import read_index, shard_name, write_index, write_shard
-from modus_mega.data.synth import SynthConfig, sample_files, sample_key, write_dataset
+from modus_mega.data.shard_format import shard_name
+from modus_mega.data.shard_reader import read_index
+from modus_mega.data.shard_writer import write_index, write_shard
+from modus_mega.datasets.synth import SynthConfig, sample_files, sample_key, write_dataset
 from modus_mega.modalities import MODALITY_NAMES
-from modus_mega.tokenizers.train_text import main as train_text
-from modus_mega.tokenizers.train_vq import main as train_vq
+from modus_mega.datasets.train_text import main as train_text
+from modus_mega.datasets.train_vq import main as train_vq
 from modus_mega.vocab import build_vocabulary
 from tests.data.test_loader import assert_same_batches, take
 

@@ -21,7 +21,7 @@ import pytest
 
 from modus_mega.data.loader import PackedLoader, WorkerPosition
 from modus_mega.data.reshard import reshard
-from modus_mega.data.shards import SkipCounter
+from modus_mega.data.shard_format import SkipCounter
 from tests.data.test_loader import assert_same_batches, make_loader, take
 
 Origin = tuple[int, int, int]  # (epoch, shard, position)

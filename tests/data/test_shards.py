@@ -10,22 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modus_mega.data import render, synth
-from modus_mega.modalities import MODALITY_NAMES
-from modus_mega.data.shards import (
-    Detections,
-    Groundings,
-    SampleError,
-    SkipCounter,
-    SkipReason,
-    decode_sample,
-    encode_modality,
-    iter_shard,
-    prepare_sample,
-    read_index,
-    write_index,
-    write_shard,
-)
+from modus_mega.datasets import synth
+from modus_mega.modalities import MODALITY_NAMES, image_modalities, pictures
+from modus_mega.modalities.faults import SampleError, SkipReason
+from modus_mega.modalities.values import Detections, Groundings
+from modus_mega.data.shard_format import SkipCounter
+from modus_mega.data.shard_reader import decode_sample, iter_shard, prepare_sample, read_index
+from modus_mega.data.shard_writer import encode_modality, write_index, write_shard
 
 CONFIG = synth.SynthConfig(image_size=32, feature_dim=8, feature_grid=2, rgb_format="png")
 
@@ -281,7 +272,7 @@ def test_index_round_trip(tmp_path: Path) -> None:
 def test_prepare_sample_renders_every_2d_modality() -> None:
     sample = decode_sample("k", _files(1).items(), SkipCounter())
     prepared = prepare_sample(sample)
-    assert sorted(prepared.images) == sorted(render.INTERPOLATION)
+    assert sorted(prepared.images) == sorted(image_modalities())
     for name, image in prepared.images.items():
         assert image.shape == (3, 32, 32) and image.dtype == np.float32, name
         assert image.min() >= -1.0 and image.max() <= 1.0, name
@@ -292,25 +283,25 @@ def test_prepare_sample_renders_every_2d_modality() -> None:
 def test_render_inverses() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 40, size=(8, 9))
-    assert np.array_equal(render.image_to_labels(render.labels_to_image(labels), 40), labels)
-    assert len({tuple(c) for c in render.palette(256)}) == 256  # distinct colours
+    assert np.array_equal(pictures.image_to_labels(pictures.labels_to_image(labels), 40), labels)
+    assert len({tuple(c) for c in pictures.palette(256)}) == 256  # distinct colours
     edges = rng.random((5, 6)) > 0.5
-    assert np.array_equal(render.image_to_edges(render.edges_to_image(edges)), edges)
+    assert np.array_equal(pictures.image_to_edges(pictures.edges_to_image(edges)), edges)
     normal = rng.normal(size=(4, 5, 3))
     normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
-    assert np.allclose(render.image_to_normal(render.normal_to_image(normal)), normal, atol=1e-6)
+    assert np.allclose(pictures.image_to_normal(pictures.normal_to_image(normal)), normal, atol=1e-6)
     rgb = rng.integers(0, 256, size=(3, 4, 3), dtype=np.uint8)
-    assert np.array_equal(render.image_to_rgb(render.rgb_to_image(rgb)), rgb)
+    assert np.array_equal(pictures.image_to_rgb(pictures.rgb_to_image(rgb)), rgb)
 
 
 def test_depth_rendering() -> None:
     depth = np.array([[1.0, 2.0], [4.0, 0.0]], dtype=np.float32)
-    image = render.depth_to_image(depth)
+    image = pictures.depth_to_image(depth)
     assert np.allclose(image[0], [[-1.0, 0.0], [1.0, 1.0]])  # log scale; invalid -> far (+1)
     assert np.array_equal(image[0], image[2])
-    near, far = render.depth_range(depth)
+    near, far = pictures.depth_range(depth)
     assert (near, far) == (1.0, 4.0)
-    assert np.allclose(render.image_to_depth(image, near, far)[:, 0], [1.0, 4.0])
-    assert np.allclose(render.image_to_depth(image, near, far)[0, 1], 2.0)
+    assert np.allclose(pictures.image_to_depth(image, near, far)[:, 0], [1.0, 4.0])
+    assert np.allclose(pictures.image_to_depth(image, near, far)[0, 1], 2.0)
     with pytest.raises(ValueError, match="near"):
-        render.depth_to_image(depth, near=3.0, far=1.0)
+        pictures.depth_to_image(depth, near=3.0, far=1.0)

@@ -8,8 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from modus_mega.data import synth
-from modus_mega.data.shards import FILE_KEYS, SkipCounter, iter_shard, read_index
+from modus_mega.datasets import synth
+from modus_mega.data.shard_format import SkipCounter, file_keys
+from modus_mega.data.shard_reader import iter_shard, read_index
 from modus_mega.modalities import MODALITY_NAMES
 
 SIZE = 96
@@ -224,9 +225,10 @@ def test_shards_decode_to_the_rendered_values(tmp_path) -> None:
 
 
 def test_file_keys_cover_every_modality() -> None:
-    assert set(FILE_KEYS) == set(MODALITY_NAMES)
-    assert FILE_KEYS["detection"] == "det"
-    assert len(set(FILE_KEYS.values())) == len(FILE_KEYS)
+    keys = file_keys()
+    assert set(keys) == set(MODALITY_NAMES)
+    assert keys["detection"] == "det"
+    assert len(set(keys.values())) == len(keys)
 
 
 def test_cli_writes_shards(tmp_path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modus_mega.data import synth
+from modus_mega.datasets import synth
 from modus_mega.eval.metrics.captions import CaptionVocabulary, caption_metrics, parse_caption
 from modus_mega.eval.metrics.facts import ObjectFact, RelationFact, SceneFacts
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from modus_mega.data import render
+from modus_mega.modalities import pictures as render
 from modus_mega.eval.metrics.depth import align_affine, depth_metrics
 
 
@@ -49,7 +49,7 @@ def test_ground_truth_up_to_affine_is_perfect_and_shuffled_is_not(space: str) ->
 
 
 def test_rendered_depth_image_is_affine_in_log_depth() -> None:
-    # What MODUS generates: the per-image normalised log-depth image (data/render.py). Its channel
+    # What MODUS generates: the per-image normalised log-depth image (``modalities/pictures.py``). Its channel
     # mean aligns exactly in log depth, so ground truth scores perfectly; the sky (0) is ignored.
     rng = np.random.default_rng(2)
     gt = _depth(rng).astype(np.float32)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from modus_mega.data import synth
+from modus_mega.datasets import synth
 from modus_mega.eval.metrics.facts import ObjectFact, RelationFact, SceneFacts
 from modus_mega.eval.metrics.geneval import ColourPalette, check_image, checkable_colours, colour_labels, geneval_score
 

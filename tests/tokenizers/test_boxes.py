@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from modus_mega.config import load_config
-from modus_mega.data.shards import Detections, Groundings
+from modus_mega.modalities.values import Detections, Groundings
 from modus_mega.tokenizers.boxes import BoxTokenizer, dequantize_coordinates, quantize_coordinates
 from modus_mega.tokenizers.text import TextTokenizer, train_tiny_text_tokenizer
 from modus_mega.vocab import build_vocabulary

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from modus_mega.config import load_config
-from modus_mega.data import synth
+from modus_mega.datasets import synth
 from modus_mega.tokenizers.text import TextTokenizer, train_tiny_text_tokenizer
 from modus_mega.vocab import build_vocabulary
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from modus_mega.config import load_config
-from modus_mega.data import synth
-from modus_mega.data.shards import SkipCounter, iter_shard, read_index
-from modus_mega.tokenizers import ModalityTokenizers, train_vq
+from modus_mega.datasets import synth
+from modus_mega.data.shard_format import SkipCounter
+from modus_mega.data.shard_reader import iter_shard, read_index
+from modus_mega.datasets import train_vq
+from modus_mega.tokenizers import ModalityTokenizers
 from modus_mega.tokenizers.text import train_tiny_text_tokenizer
 from modus_mega.tokenizers.vq import FeatureQuantizer, kmeans, nearest, relative_error, train_quantizer
 from modus_mega.vocab import build_vocabulary

@@ -5,7 +5,7 @@ Protocol, per image, on the valid pixels only (target depth > 0 and finite, and 
 1. The prediction is affine-invariant: it is known up to a scale and a shift in some space.
    ``space`` names that space, and the least-squares fit ``a * pred + b ~ f(target)`` is made in
    it: ``log_depth`` (f = log d; the default, because MODUS's depth modality is log-depth
-   normalised per image to [-1, 1] (``data/render.py``), so the channel mean of a generated depth
+   normalised per image to [-1, 1] (``modalities/pictures.py``), so the channel mean of a generated depth
    image is exactly affine in log depth and the fit recovers the unknown near / far range),
    ``depth`` (f = d; Marigold's alignment of affine-invariant depth) or ``inverse_depth``
    (f = 1 / d; MiDaS / DPT disparity).

@@ -1,6 +1,6 @@
 """Build MODUS shards from a folder of real images, with pseudo-labels from local models.
 
-    python -m modus_mega.data.build_shards --images DIR --out DIR [--weights-dir W]
+    python -m modus_mega.datasets.build_shards --images DIR --out DIR [--weights-dir W]
         [--labelers depth,normal,seg,sam,detection,dinov2,clip,caption] [--image-size 512]
 
 Every readable image (jpg, jpeg, png, webp, found recursively, sorted by path) is resized so
@@ -20,7 +20,6 @@ images are not written) and ``OUT/sources.tsv`` (key, image path relative to ``-
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import multiprocessing
 import os
@@ -39,7 +38,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from modus_mega.data.labelers import (
+from modus_mega.datasets.labelers import (
     DERIVED_FROM,
     LABELER_MODALITIES,
     LABELER_NAMES,
@@ -48,7 +47,10 @@ from modus_mega.data.labelers import (
     LabelerOptions,
     build_labeler,
 )
-from modus_mega.data.shards import Payload, SkipReason, encode_modality, shard_name, write_index, write_shard
+from modus_mega.data.shard_format import shard_name
+from modus_mega.data.shard_writer import encode_modality, write_index, write_shard
+from modus_mega.modalities.faults import SkipReason
+from modus_mega.modalities.values import Payload
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 CANNY_THRESHOLDS: tuple[int, int] = (100, 200)  # cv2.Canny hysteresis thresholds, as in synth.py
@@ -159,21 +161,11 @@ def canny_edges(rgb: np.ndarray) -> np.ndarray:
     return cv2.Canny(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), *CANNY_THRESHOLDS) > 0
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def encode_sample(values: dict[str, Payload], rgb_format: str) -> dict[str, bytes]:
-    """Shard files of one sample; depth is float32 ``.npy`` metres (0 = invalid), the rest as shards.py writes it."""
+    """Shard files of one sample; depth is float32 ``.npy`` metres (0 = invalid), the rest as shard_writer writes it."""
     files: dict[str, bytes] = {}
     for name, value in values.items():
-        if name == "depth":
-            assert isinstance(value, np.ndarray)
-            files["depth.npy"] = _npy_bytes(value.astype(np.float32))
-        else:
-            files.update(encode_modality(name, value, image_format=rgb_format))
+        files.update(encode_modality(name, value, image_format=rgb_format, float_maps_as_npy=True))
     return files
 
 
@@ -367,7 +359,7 @@ def build_dataset(
     labelled = [m for name in LABELER_NAMES if name in config.labelers for m in LABELER_MODALITIES[name]]
     modalities = [*ALWAYS_WRITTEN, *labelled]
     generator = {
-        "name": "modus_mega.data.build_shards",
+        "name": "modus_mega.datasets.build_shards",
         "images": str(image_root.resolve()),
         "image_size": config.image_size,
         "canny_thresholds": list(CANNY_THRESHOLDS),
@@ -400,9 +392,9 @@ def _parse_weights(pairs: Sequence[str], weights_dir: str | None, names: Sequenc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry: ``python -m modus_mega.data.build_shards --images DIR --out DIR``."""
+    """Command line entry: ``python -m modus_mega.datasets.build_shards --images DIR --out DIR``."""
     parser = argparse.ArgumentParser(
-        prog="python -m modus_mega.data.build_shards",
+        prog="python -m modus_mega.datasets.build_shards",
         description="Turn a folder of images into MODUS webdataset shards: rgb + Canny, plus pseudo-labels "
         "from local model directories (missing ones are skipped and counted).",
     )

@@ -2,7 +2,7 @@
 
 Each labeler is a small class with one job: it reads one modality of a batch of samples (rgb,
 or depth for the normals) and returns, per sample, the modality values it produced (the
-``RawSample`` value types of ``shards.py``) or the reason it produced nothing. Models load
+``RawSample`` value types of ``data/shard_format.py``) or the reason it produced nothing. Models load
 with ``local_files_only=True`` from a directory written by ``save_pretrained`` (or
 ``huggingface-cli download REPO --local-dir DIR``); nothing is fetched from the network.
 
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modus_mega.data.shards import Detections, Payload
+from modus_mega.modalities.values import Detections, Payload
 
 # Skip reasons a labeler reports for one sample (they appear in the build summary).
 EMPTY_OUTPUT = "empty_output"  # the model produced nothing usable (an empty caption)
@@ -711,26 +711,23 @@ LABELER_MODALITIES: dict[str, tuple[str, ...]] = {
 LABELER_NAMES: tuple[str, ...] = tuple(LABELER_MODALITIES)
 WEIGHTLESS_LABELERS: tuple[str, ...] = ("normal",)  # derived, no model to load
 DERIVED_FROM: dict[str, str] = {"normal": "depth"}  # labeler -> the labeler whose output it reads
+_LABELER_CLASSES: dict[str, type[Labeler]] = {  # the labelers built from a weights directory
+    "depth": DepthLabeler,
+    "seg": SegmentationLabeler,
+    "sam": SamLabeler,
+    "detection": DetectionLabeler,
+    "dinov2": Dinov2Labeler,
+    "clip": ClipLabeler,
+    "caption": CaptionLabeler,
+}
 
 
 def build_labeler(name: str, weights: Path | None, options: LabelerOptions) -> Labeler:
     """Construct the labeler called ``name`` (see ``LABELER_NAMES``) from its weights directory."""
-    if name == "normal":
-        return NormalFromDepth(options)
     if name not in LABELER_MODALITIES:
         raise ValueError(f"unknown labeler {name!r}; choose from {', '.join(LABELER_NAMES)}")
+    if name in WEIGHTLESS_LABELERS:
+        return NormalFromDepth(options)
     if weights is None:
         raise ValueError(f"the {name} labeler needs a weights directory")
-    if name == "depth":
-        return DepthLabeler(weights, options)
-    if name == "seg":
-        return SegmentationLabeler(weights, options)
-    if name == "sam":
-        return SamLabeler(weights, options)
-    if name == "detection":
-        return DetectionLabeler(weights, options)
-    if name == "dinov2":
-        return Dinov2Labeler(weights, options)
-    if name == "clip":
-        return ClipLabeler(weights, options)
-    return CaptionLabeler(weights, options)
+    return _LABELER_CLASSES[name](weights, options)

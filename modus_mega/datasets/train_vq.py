@@ -1,6 +1,6 @@
 """Train the feature-modality codebooks from shards.
 
-    python -m modus_mega.tokenizers.train_vq --shards data/synth --out data/vq --codebook-size 32
+    python -m modus_mega.datasets.train_vq --shards data/synth --out data/vq --codebook-size 32
 
 Reads the feature modalities of every valid sample (bad samples are skipped and counted as
 the loader does), subsamples at most ``--max-vectors`` vectors per modality (local features
@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from modus_mega.data.shards import SkipCounter, iter_shard, read_index
-from modus_mega.modalities import FEATURE_MODALITIES, modality
+from modus_mega.data.shard_format import SkipCounter
+from modus_mega.data.shard_reader import iter_shard, read_index
+from modus_mega.modalities import feature_modalities, modality
 from modus_mega.tokenizers.vq import relative_error, train_quantizer
 
 logger = logging.getLogger(__name__)
@@ -63,16 +64,16 @@ def collect_features(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry: ``python -m modus_mega.tokenizers.train_vq --shards DIR --out DIR --codebook-size K``."""
+    """Command line entry: ``python -m modus_mega.datasets.train_vq --shards DIR --out DIR --codebook-size K``."""
     parser = argparse.ArgumentParser(
-        prog="python -m modus_mega.tokenizers.train_vq",
+        prog="python -m modus_mega.datasets.train_vq",
         description="Train one k-means vector quantizer per feature modality from MODUS shards.",
     )
     parser.add_argument("--shards", required=True, help="dataset directory holding index.json and the .tar shards")
     parser.add_argument("--out", required=True, help="output directory for {modality}.safetensors and vq.json")
     parser.add_argument("--codebook-size", type=int, required=True, help="entries per codebook (= model.vocab.codebook_size)")
     parser.add_argument("--tokens-per-global", type=int, default=4, help="residual stages, i.e. tokens per global feature (default 4)")
-    parser.add_argument("--modalities", default=",".join(FEATURE_MODALITIES), help="comma-separated feature modalities (default: all five)")
+    parser.add_argument("--modalities", default=None, help="comma-separated feature modalities (default: every one)")
     parser.add_argument("--max-samples", type=int, default=None, help="read at most this many samples (default: all)")
     parser.add_argument("--max-vectors", type=int, default=200_000, help="k-means vectors per modality, subsampled (default 200000)")
     parser.add_argument("--iterations", type=int, default=20, help="Lloyd iterations per stage (default 20)")
@@ -81,10 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    names = [n.strip() for n in args.modalities.split(",") if n.strip()]
+    known = feature_modalities()
+    names = list(known) if args.modalities is None else [n.strip() for n in args.modalities.split(",") if n.strip()]
     for name in names:
-        if name not in FEATURE_MODALITIES:
-            parser.error(f"--modalities: {name!r} is not a feature modality; choose from {', '.join(FEATURE_MODALITIES)}")
+        if name not in known:
+            parser.error(f"--modalities: {name!r} is not a feature modality; choose from {', '.join(known)}")
     if args.codebook_size < 1 or args.tokens_per_global < 1:
         parser.error("--codebook-size and --tokens-per-global must be positive")
     try:

@@ -1,4 +1,4 @@
-"""How each 2D modality becomes a 3-channel float image in [-1, 1] (for the VAE and ViT), and back.
+"""The ``picture`` column of the 2D modalities: model image, snap, and a view for people.
 
 Every 2D modality enters the model as an RGB-like image, so one frozen autoencoder and one
 vision tower serve all seven. The mappings (``docs/DATA.md`` has the table):
@@ -13,24 +13,22 @@ vision tower serve all seven. The mappings (``docs/DATA.md`` has the table):
   id) so the same id is always the same colour; decoded by nearest palette colour.
 - canny, sam_edge: grey, edge = +1, background = -1, replicated to 3 channels.
 
-Images are float32 [3, H, W]; inputs follow the ``RawSample`` value types of shards.py.
-``INTERPOLATION`` says how each rendered modality may be resized: only rgb tolerates blending;
-blending palette colours, edges, or depth across invalid pixels would invent values.
+A generated image is *snapped* back to its training form where that is discrete (labels to
+the nearest palette colour, edges to +-1; DESIGN §8) before it is re-encoded as a
+condition, and *shown* to people as uint8 RGB (depth through a colour map, normals as their
+colour mapping, labels in their palette, edges white on black).
+
+Images are float32 [3, H, W]; values follow the types of ``modalities/codecs.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
 import numpy as np
 
-INTERPOLATION: dict[str, str] = {
-    "rgb": "bilinear",
-    "depth": "nearest",
-    "normal": "nearest",
-    "seg": "nearest",
-    "sam_seg": "nearest",
-    "canny": "nearest",
-    "sam_edge": "nearest",
-}
 _MIN_DEPTH = 1e-3  # metres; floor before the logarithm
 
 
@@ -148,16 +146,44 @@ def image_to_edges(image: np.ndarray) -> np.ndarray:
     return image.mean(axis=0) > 0.0
 
 
-def modality_to_image(name: str, value: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-    """Render the 2D modality ``name`` (a ``RawSample`` value) as float32 [3, H, W] in [-1, 1]."""
-    if name == "rgb":
-        return rgb_to_image(value)
-    if name == "depth":
-        return depth_to_image(value, valid)
-    if name == "normal":
-        return normal_to_image(value, valid)
-    if name in ("seg", "sam_seg"):
-        return labels_to_image(value)
-    if name in ("canny", "sam_edge"):
-        return edges_to_image(value)
-    raise ValueError(f"{name!r} is not a 2D modality; 2D modalities: {sorted(INTERPOLATION)}")
+SNAP_LABEL_IDS = 256  # a generated label map snaps to the palette colours of ids [0, 256)
+
+
+def _identity(image: np.ndarray) -> np.ndarray:
+    return image
+
+
+def snap_labels(image: np.ndarray) -> np.ndarray:
+    """float [3, H, W] -> the image of its nearest palette ids (ids below ``SNAP_LABEL_IDS``)."""
+    return labels_to_image(image_to_labels(image, SNAP_LABEL_IDS))
+
+
+def snap_edges(image: np.ndarray) -> np.ndarray:
+    """float [3, H, W] -> the binary edge image (+1 edge, -1 background)."""
+    return edges_to_image(image_to_edges(image))
+
+
+def depth_for_people(image: np.ndarray) -> np.ndarray:
+    """float [3, H, W] normalised log-depth -> uint8 [H, W, 3]: turbo colour map, near = red, far = blue."""
+    nearness = np.clip((1.0 - image.mean(axis=0)) * 127.5, 0, 255).astype(np.uint8)  # [H, W], near = 255
+    return cv2.applyColorMap(nearness, cv2.COLORMAP_TURBO)[..., ::-1].copy()  # BGR -> RGB
+
+
+@dataclass(frozen=True)
+class Picture:
+    """How one 2D modality becomes the model's image, snaps back to its training form, and is shown."""
+
+    to_image: Callable[[np.ndarray, np.ndarray | None], np.ndarray]  # (value, valid [H, W] | None) -> [3, H, W]
+    snap: Callable[[np.ndarray], np.ndarray]  # generated [3, H, W] -> nearest training-form [3, H, W]
+    for_people: Callable[[np.ndarray], np.ndarray]  # [3, H, W] in [-1, 1] -> uint8 [H, W, 3]
+
+    def show(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] of a model image (generated or rendered), snapped first."""
+        return self.for_people(self.snap(image))
+
+
+RGB_PICTURE = Picture(to_image=lambda value, valid: rgb_to_image(value), snap=_identity, for_people=image_to_rgb)
+DEPTH_PICTURE = Picture(to_image=depth_to_image, snap=_identity, for_people=depth_for_people)
+NORMAL_PICTURE = Picture(to_image=normal_to_image, snap=_identity, for_people=image_to_rgb)
+LABELS_PICTURE = Picture(to_image=lambda value, valid: labels_to_image(value), snap=snap_labels, for_people=image_to_rgb)
+EDGES_PICTURE = Picture(to_image=lambda value, valid: edges_to_image(value), snap=snap_edges, for_people=image_to_rgb)

@@ -1,6 +1,6 @@
 """Train a small byte-level BPE caption tokenizer from the text in a shard directory.
 
-    python -m modus_mega.tokenizers.train_text --shards data/synth --out data/text_tokenizer --vocab-size 512
+    python -m modus_mega.datasets.train_text --shards data/synth --out data/text_tokenizer --vocab-size 512
 
 For CPU runs and tests only: a real run uses the checkpoint's Qwen2 tokenizer. Reads every
 caption, referring expression and detection class name of every valid sample (bad samples
@@ -16,7 +16,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from modus_mega.data.shards import Detections, Groundings, SkipCounter, iter_shard, read_index
+from modus_mega.data.shard_format import SkipCounter
+from modus_mega.data.shard_reader import iter_shard, read_index
+from modus_mega.modalities.values import Detections, Groundings
 from modus_mega.tokenizers.text import train_tiny_text_tokenizer
 
 

@@ -1,6 +1,6 @@
 """Procedural, self-consistent 15-modality data: a small numpy ray caster writes MODUS shards.
 
-    python -m modus_mega.data.synth --out data/synth --num-samples 512 --image-size 64
+    python -m modus_mega.datasets.synth --out data/synth --num-samples 512 --image-size 64
 
 Each sample is a random scene (spheres, cubes, cylinders on a checkered ground plane, one
 directional light, a sky) seen by a pinhole camera. One ray per pixel gives EXACT labels:
@@ -27,7 +27,7 @@ import multiprocessing
 import os
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +37,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from modus_mega.data import render
-from modus_mega.data.shards import (
-    Detections,
-    Groundings,
-    Payload,
-    encode_modality,
-    shard_name,
-    write_index,
-    write_shard,
-)
+from modus_mega.data.shard_format import shard_name
+from modus_mega.data.shard_writer import encode_modality, write_index, write_shard
+from modus_mega.modalities import pictures
+from modus_mega.modalities.values import Detections, Groundings, Payload
 
 CLASS_NAMES: tuple[str, ...] = ("sky", "ground", "sphere", "cube", "cylinder")  # seg id = index
 SHAPES: tuple[str, ...] = ("sphere", "cube", "cylinder")
@@ -498,6 +492,20 @@ def _area_pool(planes: np.ndarray, cells: int) -> np.ndarray:
     return summed / counts
 
 
+
+def _seg_one_hot(rendering: Rendering) -> np.ndarray:
+    return (rendering.seg[None] == np.arange(len(CLASS_NAMES))[:, None, None]).astype(np.float32)
+
+
+# What a synthetic feature extractor sees of each input map: float32 [C, H, W] planes.
+_INPUT_PLANES: dict[str, Callable[[Rendering], np.ndarray]] = {
+    "rgb": lambda rendering: pictures.rgb_to_image(rendering.rgb),
+    "depth": lambda rendering: pictures.depth_to_image(rendering.depth)[:1],
+    "normal": lambda rendering: pictures.normal_to_image(rendering.normal),
+    "seg": _seg_one_hot,
+}
+
+
 class StandInEncoder:
     """A fixed, deterministic stand-in for a pretrained feature extractor.
 
@@ -524,17 +532,7 @@ class StandInEncoder:
         self.global_w2 = rng.normal(0.0, 1.0 / math.sqrt(hidden), (hidden, dim))
 
     def _planes(self, rendering: Rendering) -> np.ndarray:
-        planes = []
-        for name in self.spec.inputs:
-            if name == "rgb":
-                planes.append(render.rgb_to_image(rendering.rgb))
-            elif name == "depth":
-                planes.append(render.depth_to_image(rendering.depth)[:1])
-            elif name == "normal":
-                planes.append(render.normal_to_image(rendering.normal))
-            else:
-                one_hot = rendering.seg[None] == np.arange(len(CLASS_NAMES))[:, None, None]
-                planes.append(one_hot.astype(np.float32))
+        planes = [_INPUT_PLANES[name](rendering) for name in self.spec.inputs]
         return np.concatenate(planes).transpose(1, 2, 0).astype(np.float64)  # [H, W, C]
 
     def __call__(self, rendering: Rendering) -> tuple[np.ndarray, np.ndarray]:
@@ -667,14 +665,14 @@ def write_dataset(
                     name, count = future.result()
                     counts[name] = count
                     bar.update(count)
-    generator = {"name": "modus_mega.data.synth", **config.__dict__, "classes": list(CLASS_NAMES)}
+    generator = {"name": "modus_mega.datasets.synth", **config.__dict__, "classes": list(CLASS_NAMES)}
     return write_index(root, sorted(counts.items()), extra={"generator": generator})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry: ``python -m modus_mega.data.synth --out DIR --num-samples N``."""
+    """Command line entry: ``python -m modus_mega.datasets.synth --out DIR --num-samples N``."""
     parser = argparse.ArgumentParser(
-        prog="python -m modus_mega.data.synth",
+        prog="python -m modus_mega.datasets.synth",
         description="Render procedural 3D scenes into MODUS webdataset shards (all 15 modalities, exact labels).",
     )
     parser.add_argument("--out", required=True, help="output directory for the .tar shards and index.json")
