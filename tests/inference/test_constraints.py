@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modus_mega.config import load_config
-from modus_mega.data.shards import Detections, Groundings
+from modus_mega.modalities.values import Detections
 from modus_mega.inference.constraints import (
     DetectionGrammar,
     FeatureGrammar,
