@@ -139,26 +139,45 @@ class DocumentBuilder:
 
     # ------------------------------------------------------------------ segments
 
-    def _add_segment(self, doc: Document, sample: Sample, name: str, is_target: bool, generator: torch.Generator) -> None:
+    def add_condition(self, doc: Document, sample: Sample, name: str) -> None:
+        """Append ``sample``'s modality ``name`` as a condition segment: its marker, then its content."""
+        self.add_marker(doc, name)
+        self.add_condition_content(doc, name, sample.tokens.get(name), sample.images.get(name))
+
+    def add_marker(self, doc: Document, name: str) -> None:
+        """Append ``<start:{name}>`` (causal, no label): the start of any segment."""
         self._add_causal(doc, [self.vocab.start_marker(name)], name, supervised=False)
+
+    def add_condition_content(self, doc: Document, name: str, ids: list[int] | None, image: Tensor | None) -> None:
+        """Append a condition's content after its marker: 1D ``ids`` (causal, no end token), or
+        ``image`` [3, H, W] as a clean VAE split and/or a ViT split (``data.condition_mode_2d``).
+
+        Generation appends a finished target with this same call, so a generated target
+        continues the sequence exactly as a condition of that modality does in training.
+        """
         if modality(name).family == "1d":
-            ids = sample.tokens[name]
-            if is_target:
-                # The marker predicts the first token; the last token predicts <end_of_segment>.
-                doc.ce_labels[-1] = ids[0] if ids else self.vocab.end_of_segment_id
-                self._add_causal(doc, [*ids, self.vocab.end_of_segment_id], name, supervised=True)
-            else:
-                self._add_causal(doc, ids, name, supervised=False)
+            assert ids is not None, f"{name} is a 1D modality: its condition content is token ids"
+            self._add_causal(doc, ids, name, supervised=False)
             return
-        image = sample.images[name]
-        if is_target:
-            t = float(sample_timesteps(1, self.timesteps, generator)[0])
-            self._add_vae_split(doc, image, name, t, mode="noise")
-            return
+        assert image is not None, f"{name} is a 2D modality: its condition content is an image"
         if self.data.condition_mode_2d in ("vae", "both"):
             self._add_vae_split(doc, image, name, 0.0, mode="full")
         if self.data.condition_mode_2d in ("vit", "both"):
             self._add_vit_split(doc, image, name)
+
+    def _add_segment(self, doc: Document, sample: Sample, name: str, is_target: bool, generator: torch.Generator) -> None:
+        if not is_target:
+            self.add_condition(doc, sample, name)
+            return
+        self.add_marker(doc, name)
+        if modality(name).family == "1d":
+            ids = sample.tokens[name]
+            # The marker predicts the first token; the last token predicts <end_of_segment>.
+            doc.ce_labels[-1] = ids[0] if ids else self.vocab.end_of_segment_id
+            self._add_causal(doc, [*ids, self.vocab.end_of_segment_id], name, supervised=True)
+            return
+        t = float(sample_timesteps(1, self.timesteps, generator)[0])
+        self._add_vae_split(doc, sample.images[name], name, t, mode="noise")
 
     def _add_causal(self, doc: Document, ids: list[int], name: str, supervised: bool) -> None:
         """Causal 1D tokens; if supervised, each token's label is the token after it."""
