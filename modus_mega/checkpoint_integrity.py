@@ -65,7 +65,7 @@ class DamagedCheckpointError(ValueError):
     """The tag ``latest`` names is missing, incomplete or corrupt (the message names it and the way out)."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(RuntimeError):
     """A save failed for lack of space or permission (the message names the path, the space and the fix)."""
 
 
@@ -281,8 +281,11 @@ _NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.E
 
 
 @contextlib.contextmanager
-def write_errors(path: Path, needed_bytes: int) -> Iterator[None]:
-    """Turn a failed write of ``path`` (about ``needed_bytes``) for lack of space or permission into one clear error."""
+def write_errors(path: Path, needed_bytes: int, is_directory: bool = False) -> Iterator[None]:
+    """Turn a failed write of ``path`` (about ``needed_bytes``) for lack of space or permission into one clear error.
+
+    ``is_directory``: ``path`` is a directory being created (a file in its place is named).
+    """
     try:
         yield
     except CheckpointWriteError:
@@ -291,14 +294,14 @@ def write_errors(path: Path, needed_bytes: int) -> Iterator[None]:
         if e.errno in _NO_SPACE:
             raise CheckpointWriteError(_no_space_message(path, needed_bytes)) from e
         if e.errno in _NO_PERMISSION:
-            raise CheckpointWriteError(_no_permission_message(path, e)) from e
+            raise CheckpointWriteError(_no_permission_message(path, is_directory, e)) from e
         raise
     except RuntimeError as e:  # torch's zip writer hides the OSError
         if _free_bytes(path) < needed_bytes:
             raise CheckpointWriteError(_no_space_message(path, needed_bytes)) from e
-        folder = _existing_parent(path)
+        folder = _existing_folder(path, is_directory)
         if not os.access(folder, os.W_OK) or folder != path.parent:
-            raise CheckpointWriteError(_no_permission_message(path, e)) from e
+            raise CheckpointWriteError(_no_permission_message(path, is_directory, e)) from e
         raise
 
 
@@ -329,26 +332,27 @@ def _no_space_message(path: Path, needed_bytes: int) -> str:
     )
 
 
-def _no_permission_message(path: Path, error: BaseException) -> str:
-    folder = _existing_parent(path)
+def _no_permission_message(path: Path, is_directory: bool, error: BaseException) -> str:
+    folder = _existing_folder(path, is_directory)
     what = "is not a directory" if folder.exists() and not folder.is_dir() else "is not writable"
     detail = f" ({error.strerror})" if isinstance(error, OSError) and error.strerror else ""
+    kind = "directory" if is_directory else "file"
     return (
-        f"cannot write the checkpoint file {path}: {folder} {what}{detail}; make the directory writable, "
+        f"cannot write the checkpoint {kind} {path}: {folder} {what}{detail}; make the directory writable, "
         "or point training.run_dir elsewhere"
     )
 
 
-def _existing_parent(path: Path) -> Path:
-    """The nearest existing ancestor of ``path``'s directory (a file there where a directory should be counts)."""
-    folder = path.parent
+def _existing_folder(path: Path, is_directory: bool = False) -> Path:
+    """The nearest existing one of ``path`` (a directory being made) or its ancestors; a file there counts."""
+    folder = path if is_directory else path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return folder
 
 
 def _free_bytes(path: Path) -> int:
-    folder = _existing_parent(path)
+    folder = _existing_folder(path)
     return shutil.disk_usage(folder if folder.is_dir() else folder.parent).free
 
 

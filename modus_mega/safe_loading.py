@@ -90,7 +90,7 @@ class WeightsOnlyCheckpointEngine(CheckpointEngine):
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         """The wrapped engine's ``makedirs``, with the same error reporting as ``save``."""
-        with write_errors(Path(path) / "_", 0):
+        with write_errors(Path(path), 0, is_directory=True):
             self.inner.makedirs(path, exist_ok=exist_ok)
 
     def create(self, info: CheckpointCommitInfo) -> None:

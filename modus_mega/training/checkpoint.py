@@ -156,7 +156,8 @@ def save_checkpoint(
     client_state = {"step": state.step, OPTIMIZER_PARAM_NAMES: _optimizer_param_names(engine)}
     engine.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     tag_dir = root / tag
-    (tag_dir / EXTRAS_DIR).mkdir(parents=True, exist_ok=True)
+    with write_errors(tag_dir / EXTRAS_DIR, 0, is_directory=True):
+        (tag_dir / EXTRAS_DIR).mkdir(parents=True, exist_ok=True)
     extras = {"rng": _rng_state(), "loader": loader.state_dict()}
     if engine.ema is not None:
         extras["ema"] = engine.ema.state_dict()
