@@ -65,6 +65,7 @@ from modus_mega.checkpoint_integrity import (
     atomic_write_text,
     clean_stale,
     find_resume_tag,
+    read_latest,
     tag_for_step,
     tensor_bytes,
     write_errors,
@@ -143,8 +144,7 @@ def saved_layout(tag_dir: Path) -> Layout:
 
 def latest_tag(root: Path) -> str | None:
     """The tag ``latest`` points at, or None when no checkpoint completed."""
-    pointer = root / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None
+    return read_latest(root)
 
 
 def save_checkpoint(

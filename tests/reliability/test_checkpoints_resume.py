@@ -11,7 +11,8 @@ steps; then:
   ``metrics.jsonl``: ``resume: true`` is refused naming step 4 and proposing step 2;
   ``resume: fallback`` resumes from step 2, drops the torn line, and logs exactly the
   reference's losses for every step (ZeRO 1's optimizer files, with DeepSpeed's loss
-  scaler and fragment addresses, load weights-only).
+  scaler and fragment addresses, load weights-only); with ``training.keep_last = 2`` only
+  the tags of steps 4 and 6 remain.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from modus_mega.checkpoint_integrity import MANIFEST, DamagedCheckpointError, write_manifest
+from modus_mega.checkpoint_integrity import MANIFEST, DamagedCheckpointError, tags, write_manifest
 from modus_mega.config import config_to_dict
 from modus_mega.safe_loading import UnsafeCheckpointError, safe_load
 from modus_mega.training.loop import train
@@ -68,7 +69,7 @@ def _worker(raw: dict, out: str) -> None:
     with (out_dir / "run" / "metrics.jsonl").open("a") as log:
         log.write('{"step": 4, "lo')  # the kill cut this write
     results["refused"] = _refusal(raw, SIX, out_dir / "run", DamagedCheckpointError)
-    run_in_layout(raw, {**SIX, "training.resume": "fallback"}, out_dir / "run", train)
+    run_in_layout(raw, {**SIX, "training.resume": "fallback", "training.keep_last": 2}, out_dir / "run", train)
     (out_dir / "results.json").write_text(json.dumps(results))
 
 
@@ -86,4 +87,5 @@ def test_tampered_refused_damaged_refused_then_fallback_resumes_exactly(tmp_path
     assert len(_losses(tmp_path / "reference")) == 6
     assert (tmp_path / "run" / "checkpoints" / "step_00000004.damaged").is_dir()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert tags(tmp_path / "run" / "checkpoints") == ["step_00000004", "step_00000006"]  # keep_last=2
     assert os.path.getsize(tmp_path / "run" / "checkpoints" / "step_00000006" / MANIFEST) > 0
