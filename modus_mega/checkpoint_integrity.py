@@ -20,9 +20,10 @@ knows only that layout's generic rules, so it depends on the standard library an
   fallback`` takes that tag itself, logs it, renames the damaged tags to ``<tag>.damaged``
   (kept for inspection, no longer tags) and points ``latest`` at the good one.
 - **Clean-up at start** (rank 0, before anyone reads): ``*.tmp`` files (interrupted atomic
-  writes) and partial tags: those newer than the tag ``latest`` names (a save that never
-  completed), or, when ``latest`` names nothing, those without a manifest. Older tags
-  without a manifest are kept (they may predate manifests); retention removes them in time.
+  writes) and partial tags: tags without a manifest newer than the one ``latest`` names (or
+  any, when ``latest`` names none): a save that never completed. Complete newer tags are kept
+  (a crash between the manifest and ``latest``, or a user who pointed ``latest`` back), and
+  so are older tags without a manifest (they may predate manifests; retention removes them).
 - **Retention** (``training.keep_last``, ``training.keep_every``): after ``latest`` moved to
   a new verified tag, older tags beyond the newest ``keep_last`` are deleted unless their
   step is a multiple of ``keep_every``; the tag ``latest`` names and newer ones never are.
@@ -237,8 +238,8 @@ def _set_aside_after(root: Path, good: str) -> None:
 def clean_stale(root: Path) -> list[Path]:
     """Remove interrupted writes from ``root`` (rank 0, before any rank reads it); returns what was removed.
 
-    ``*.tmp`` files anywhere under it, tags newer than the one ``latest`` names, and, when
-    ``latest`` names no tag, tags without a manifest.
+    ``*.tmp`` files anywhere under it, and tags without a manifest that are newer than the
+    one ``latest`` names (any, when it names none).
     """
     if not root.is_dir():
         return []
@@ -248,8 +249,8 @@ def clean_stale(root: Path) -> list[Path]:
     named = read_latest(root)
     latest_step = tag_step(named) if named else None
     for name in tags(root):
-        stale = tag_step(name) > latest_step if latest_step is not None else read_manifest(root / name) is None  # type: ignore[operator]
-        if stale:
+        newer = latest_step is None or tag_step(name) > latest_step  # type: ignore[operator]  # tags() holds tag names
+        if newer and read_manifest(root / name) is None:
             shutil.rmtree(root / name)
             removed.append(root / name)
     if removed:

@@ -137,8 +137,9 @@ def test_stale_partial_tags_and_tmp_files_are_removed(tmp_path: Path) -> None:
     killed_later.mkdir(parents=True)
     (killed_later / "rank_00000.pt.tmp").write_bytes(b"half")
     (tmp_path / "latest.tmp").write_text("step_0000")
+    _save_tag(tmp_path, 8, point_latest=False)  # complete, latest not moved (or pointed back by hand): kept
     removed = clean_stale(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step_00000002"], removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step_00000002", "step_00000008"], removed
     assert find_resume_tag(tmp_path, fallback=False) == "step_00000002"
 
 
