@@ -11,7 +11,8 @@ read-only directory reported by ``checkpoint_integrity.write_errors``.
 
 DeepSpeed's files legitimately hold four objects besides tensors and plain data, found by
 listing the globals in the pickles of real checkpoints at ZeRO 0-3, tp = 2 and pp = 2 (its
-optimizer partitions): the loss scaler (``LossScaler``; ``DynamicLossScaler`` with fp16), the
+optimizer partitions; the GPU's BF16 optimizer state, read from its ``state_dict``, holds
+the same fragment addresses): the loss scaler (``LossScaler``; ``DynamicLossScaler`` with fp16), the
 ZeRO stage (``ZeroStageEnum``, an int enum) and ``fragment_address`` (a dataclass of two
 ints). They are allowed by ``torch.serialization.safe_globals`` for the load only: their
 constructors and ``__setstate__`` only store plain values.

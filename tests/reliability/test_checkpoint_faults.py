@@ -8,21 +8,15 @@ one must be held (refused or reported as the module describes).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-from tests.conftest import REPO
 from tests.distributed.helpers import run_distributed
+from tests.reliability.helpers import checkpoint_faults
 
 
 def _worker(out: str) -> None:
-    spec = importlib.util.spec_from_file_location("checkpoint_faults", REPO / "bench" / "reliability" / "checkpoint_faults.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[spec.name] = module  # type: ignore[union-attr]  # dataclasses look their module up there
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    module.run_matrix(Path(out), truncations=1, bit_flips=0)
+    checkpoint_faults().run_matrix(Path(out), truncations=1, bit_flips=0)
 
 
 def test_every_checkpoint_fault_is_held(tmp_path: Path) -> None:

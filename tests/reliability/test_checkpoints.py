@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -40,20 +39,12 @@ from modus_mega.checkpoint_integrity import (
 from modus_mega.config import ModusConfig, validate
 from modus_mega.safe_loading import UnsafeCheckpointError, safe_load
 from modus_mega.training.metrics import read_jsonl
+from tests.reliability.helpers import checkpoint_faults
 
 MODEL = "mp_rank_00_model_states.pt"
 EXTRAS = "extras/rank_00000.pt"
 STATE = "trainer_state.json"
-
-
-class Evil:
-    """Unpickling this runs a shell command that creates ``marker`` (what a tampered checkpoint would do)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return os.system, (f"touch {self.marker}",)
+Evil = checkpoint_faults().Evil  # unpickling it would create a marker file
 
 
 def _save_tag(root: Path, step: int, point_latest: bool = True) -> Path:
