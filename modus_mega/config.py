@@ -481,7 +481,7 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("training.max_bad_steps", "must be at least 1 (the number of non-finite steps in a row that stops the run)")
     if training.peak_tflops < 0:
         fail("training.peak_tflops", "must be 0 (no MFU) or the accelerator's peak TFLOP/s, e.g. 989 for an H100 SXM at bf16")
-    if isinstance(training.resume, int) and not isinstance(training.resume, bool):
+    if type(training.resume) not in (bool, str):  # 1 or 1.0 pass the Literal check (1 == True)
         fail("training.resume", f"{training.resume!r} must be true, false or \"fallback\"")
     if training.keep_last < 0:
         fail("training.keep_last", "must be 0 (keep every checkpoint) or the number of newest checkpoints to keep")

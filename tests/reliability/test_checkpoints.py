@@ -220,8 +220,8 @@ def test_torn_last_line_of_the_log_is_dropped_and_others_are_not(tmp_path: Path)
         read_jsonl(log)
 
 
-@pytest.mark.parametrize("key, value", [("resume", 1), ("keep_last", -1), ("keep_every", -2)])
-def test_config_rejects(tiny_config: ModusConfig, key: str, value: int) -> None:
+@pytest.mark.parametrize("key, value", [("resume", 1), ("resume", 0.0), ("keep_last", -1), ("keep_every", -2)])
+def test_config_rejects(tiny_config: ModusConfig, key: str, value: float) -> None:
     setattr(tiny_config.training, key, value)
     with pytest.raises(ValueError, match=f"training.{key}"):
         validate(tiny_config)
