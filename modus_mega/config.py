@@ -196,7 +196,9 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 1  # steps between log lines
     checkpoint_every: int = 0  # steps between checkpoints in run_dir/checkpoints; 0: only at the end and on SIGTERM/SIGUSR1
-    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
+    resume: Literal[True, False, "fallback"] = True  # continue from run_dir/checkpoints/latest when it exists; "fallback": from the newest complete tag when latest's is damaged
+    keep_last: int = 0  # checkpoint tags kept (the newest, latest's included); older ones are deleted once a newer one is verified; 0 keeps all
+    keep_every: int = 0  # also keep every tag whose step is a multiple of this (milestones) beyond keep_last; 0: none
     run_dir: str = "runs/default"  # outputs: resolved config, metrics.jsonl, loss curve
     ema_decay: float = 0.0  # fp32 EMA of the trainable weights, saved in checkpoints; 0 disables (BAGEL: 0.9999)
     max_bad_steps: int = 5  # a non-finite (NaN/Inf) loss or gradient skips the step; this many in a row stop the run
@@ -499,6 +501,12 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("training.fp8.emulate", "is torchao's option; Transformer Engine (parallel.tp_backend=te) has no emulated FP8: set it false")
     if training.peak_tflops < 0:
         fail("training.peak_tflops", "must be 0 (no MFU) or the accelerator's peak TFLOP/s, e.g. 989 for an H100 SXM at bf16")
+    if type(training.resume) not in (bool, str):  # 1 or 1.0 pass the Literal check (1 == True)
+        fail("training.resume", f"{training.resume!r} must be true, false or \"fallback\"")
+    if training.keep_last < 0:
+        fail("training.keep_last", "must be 0 (keep every checkpoint) or the number of newest checkpoints to keep")
+    if training.keep_every < 0:
+        fail("training.keep_every", "must be 0 (no milestones) or a step interval whose checkpoints are kept")
     if config.training.checkpoint_every < 0:
         fail("training.checkpoint_every", "must be 0 (no periodic checkpoints) or a positive step count")
     if config.training.grad_accum_steps < 1:

@@ -8,7 +8,8 @@ Layout under ``<run_dir>/checkpoints/`` (the names are this module's constants, 
         extras/rank_00000.pt     per rank: RNG states (torch, CUDA, Python, NumPy), the loader's state,
                                  this rank's EMA pieces (training/ema.py) when training.ema_decay > 0
         universal/               optional: the tag as full tensors, for another layout (convert/universal.py)
-    latest                       the tag to resume from
+        manifest.json            every file's size and CRC-32, written last (checkpoint_integrity.py)
+    latest                       the tag to resume from: only ever a tag whose manifest is written
 
 With pp > 1 the same calls save and load the pipeline engine, which writes the model per
 stage: ``layer_<stage>-model_<tp>-model_states.pt`` (by dp rank 0 of each stage; keys are
@@ -58,15 +59,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from modus_mega.checkpoint_integrity import (
+    LATEST,
+    apply_retention,
+    atomic_write_text,
+    clean_stale,
+    find_resume_tag,
+    read_latest,
+    tag_for_step,
+    tensor_bytes,
+    write_errors,
+    write_manifest,
+)
 from modus_mega.config import ModusConfig, config_to_dict
 from modus_mega.data.loader import PackedLoader
 from modus_mega.data.reshard import reshard
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.pipeline import global_parameter_name
+from modus_mega.safe_loading import WeightsOnlyCheckpointEngine, safe_load
 from modus_mega.training.engine import TrainEngine
 
 CHECKPOINTS_DIR = "checkpoints"  # <run_dir>/checkpoints: the tags and ``latest``
-LATEST = "latest"  # <checkpoints>/latest: the tag to resume from
 TRAINER_STATE = "trainer_state.json"  # <tag>/trainer_state.json
 EXTRAS_DIR = "extras"  # <tag>/extras/rank_{rank:05d}.pt
 UNIVERSAL_DIR = "universal"  # <tag>/universal: the tag as full tensors (convert/universal.py)
@@ -131,42 +144,57 @@ def saved_layout(tag_dir: Path) -> Layout:
 
 def latest_tag(root: Path) -> str | None:
     """The tag ``latest`` points at, or None when no checkpoint completed."""
-    pointer = root / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None
+    return read_latest(root)
 
 
 def save_checkpoint(
     engine: TrainEngine, loader: PackedLoader, ctx: ParallelContext, cfg: ModusConfig, root: Path, state: TrainerState
 ) -> str:
-    """Save on every rank (collective), then move ``latest`` to the new tag; returns the tag."""
-    tag = f"step_{state.step:08d}"
+    """Save on every rank (collective), write the tag's manifest, move ``latest`` to it, apply retention; returns the tag."""
+    WeightsOnlyCheckpointEngine.install(engine.engine)  # a full disk or read-only directory is named
+    tag = tag_for_step(state.step)
     client_state = {"step": state.step, OPTIMIZER_PARAM_NAMES: _optimizer_param_names(engine)}
     engine.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     tag_dir = root / tag
-    (tag_dir / EXTRAS_DIR).mkdir(parents=True, exist_ok=True)
+    with write_errors(tag_dir / EXTRAS_DIR, 0, is_directory=True):
+        (tag_dir / EXTRAS_DIR).mkdir(parents=True, exist_ok=True)
     extras = {"rng": _rng_state(), "loader": loader.state_dict()}
     if engine.ema is not None:
         extras["ema"] = engine.ema.state_dict()
     _atomic_torch_save(extras, extras_file(tag_dir, ctx.rank))
     if ctx.is_main:
         record = {**dataclasses.asdict(state), "config": config_to_dict(cfg)}
-        _atomic_write_text(tag_dir / TRAINER_STATE, json.dumps(record, indent=2) + "\n")
-    ctx.barrier()  # every rank's shards are on disk before the pointer moves
+        atomic_write_text(tag_dir / TRAINER_STATE, json.dumps(record, indent=2) + "\n")
+    ctx.barrier()  # every rank's shards are on disk before the manifest and the pointer
+    required = [TRAINER_STATE] + [extras_file(tag_dir, r).relative_to(tag_dir).as_posix() for r in range(ctx.world_size)]
+    write_manifest(tag_dir, required)  # collective: the ranks share the checksums
     if ctx.is_main:
-        _atomic_write_text(root / LATEST, tag)
+        atomic_write_text(root / LATEST, tag)
+        apply_retention(root, cfg.training.keep_last, cfg.training.keep_every)
     ctx.barrier()
     return tag
 
 
-def load_checkpoint(engine: TrainEngine, loader: PackedLoader, ctx: ParallelContext, root: Path) -> TrainerState | None:
+def load_checkpoint(
+    engine: TrainEngine, loader: PackedLoader, ctx: ParallelContext, root: Path, fallback: bool = False
+) -> TrainerState | None:
     """Restore model, optimizer, EMA, loader and RNGs from the tag ``latest`` names; None when there is none.
+
+    Interrupted writes are removed first; the tag must match its manifest, else
+    ``DamagedCheckpointError`` proposes the newest complete tag, which ``fallback`` takes
+    (``checkpoint_integrity.find_resume_tag``). Every file is loaded weights-only
+    (``safe_loading``): a file holding any other pickled object is refused, naming it.
 
     A tag saved at this run's layout is loaded directly; one saved at another layout from its
     universal form, which ``python -m modus_mega.convert universal`` writes. The data position
     continues exactly at the same dp and ``data.num_workers``, and is resharded at others.
     Raises ``ValueError`` naming both layouts when the universal form is missing.
     """
-    tag = latest_tag(root)
+    WeightsOnlyCheckpointEngine.install(engine.engine)
+    if ctx.is_main:
+        clean_stale(root)
+    ctx.barrier()  # no rank reads what rank 0 removes
+    tag = find_resume_tag(root, fallback)
     if tag is None:
         return None
     tag_dir = root / tag
@@ -248,7 +276,7 @@ def _read_extras(path: Path, mmap: bool = False) -> dict[str, Any]:
     """A rank's extras; ``mmap``: leave its EMA pieces on disk (when only the loader state is needed)."""
     if not path.is_file():
         raise ValueError(f"{path} is missing: the checkpoint is incomplete (a rank did not save); use an earlier tag")
-    return torch.load(path, weights_only=True, mmap=mmap)
+    return safe_load(path, mmap=mmap)
 
 
 def _optimizer_param_names(engine: TrainEngine) -> list[str]:
@@ -303,13 +331,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with write_errors(path, tensor_bytes(obj)):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)

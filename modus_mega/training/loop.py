@@ -89,7 +89,8 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
 
     engine = build_engine(cfg, ctx)
     loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, engine.model.vocab, ctx.dp_rank, ctx.dp)
-    state = (load_checkpoint(engine, loader, ctx, root) if cfg.training.resume else None) or TrainerState(step=0)
+    fallback = cfg.training.resume == "fallback"  # a damaged latest tag: resume from the newest complete one
+    state = (load_checkpoint(engine, loader, ctx, root, fallback) if cfg.training.resume else None) or TrainerState(step=0)
     resumed_from = state.step
     failures = BadStepCounter(cfg.training.max_bad_steps, state.skipped_steps, state.bad_in_a_row)
     meter = ThroughputMeter(cfg.model, ctx, cfg.training.peak_tflops)

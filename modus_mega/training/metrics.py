@@ -31,8 +31,23 @@ class JsonlLog:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a JSONL log."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Every record of a JSONL log; a torn last line (a write cut off by a kill) is dropped.
+
+    Any other line that does not parse raises ``ValueError`` naming the file and the line.
+    """
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # the last write was cut off: the run logs that step again on resume
+            raise ValueError(f"{path}:{number} is not a JSON record ({e}); fix or delete that line") from None
+    return records
 
 
 def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
