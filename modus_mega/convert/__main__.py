@@ -18,11 +18,11 @@ run resumes at another tp, pp or ZeRO stage.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
+from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.config import ModelConfig, load_config
 from modus_mega.convert.bagel import import_bagel, write_bagel
 from modus_mega.convert.deepspeed_run import DeepSpeedRunSource, is_run_dir
@@ -43,6 +43,7 @@ def _common(parser: argparse.ArgumentParser, shards: bool) -> None:
         )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_debug_argument(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, help="a checkpoint tag, RUN_DIR/checkpoints/<tag> (or RUN_DIR: its latest tag)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing <tag>/universal")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_argument(p)
     return parser
 
 
@@ -148,14 +150,12 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse ``argv`` and convert; a refused input exits with status 1 and the reason."""
-    args = build_parser().parse_args(argv)
-    try:
-        out = run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(f"wrote {out}")
+    """Parse ``argv`` and convert; a refused input prints one line and exits 2 (``modus_mega/cli.py``)."""
+    run_cli(_main, argv, prog="python -m modus_mega.convert")
+
+
+def _main(argv: list[str]) -> None:
+    print(f"wrote {run(build_parser().parse_args(argv))}")
 
 
 if __name__ == "__main__":
