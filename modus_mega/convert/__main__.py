@@ -6,9 +6,10 @@ Commands: ``from-bagel``, ``to-bagel``, ``to-hf``, ``from-hf``, ``universal``.
 directory (one holding ``checkpoints/``: its latest DeepSpeed checkpoint at any tp, pp and
 ZeRO stage, ``--ema`` for its EMA weights). Every command streams tensor by tensor (memory
 stays near the largest tensor), shows a progress bar, refuses missing / extra /
-mis-shaped tensors before writing anything, and writes its output into a temporary
-directory renamed into place at the end, so a failed or interrupted run never leaves a
-half-written checkpoint.
+mis-shaped and non-floating tensors before writing anything (``--dtype`` casts the latter
+explicitly), refuses a tensor holding NaN or Inf when it reaches it (``--allow-nonfinite``
+converts it anyway), and writes its output into a temporary directory renamed into place at
+the end, so a failed or interrupted run never leaves a half-written checkpoint.
 
 ``universal`` writes a training checkpoint tag's universal form (``<tag>/universal``: full
 fp32 weights, Adam moments and EMA per parameter, ``convert/universal.py``), from which a
@@ -36,7 +37,13 @@ _DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "
 
 def _common(parser: argparse.ArgumentParser, shards: bool) -> None:
     parser.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--dtype", choices=list(_DTYPES), default="keep", help="cast floating tensors (default: keep)")
+    parser.add_argument(
+        "--dtype", choices=list(_DTYPES), default="keep",
+        help="cast every tensor to this dtype (default: keep; a non-floating tensor is refused unless cast)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-nonfinite", action="store_true", help="convert tensors holding NaN or Inf (refused by default)"
+    )
     if shards:
         parser.add_argument(
             "--max-shard-size", default=f"{DEFAULT_MAX_SHARD_BYTES // 10**9}GB", help="largest shard, e.g. 5GB, 500MB"
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> Path:
         cfg = load_config(args.config, args.overrides).model
         return import_bagel(
             args.src, cfg, args.out, seed=args.seed, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
-            overwrite=args.overwrite, progress=progress,
+            overwrite=args.overwrite, progress=progress, allow_nonfinite=args.allow_nonfinite,
         )  # fmt: skip
     cfg, source, tokenizer_dir = _open_source(args)
     with source:
@@ -142,10 +149,12 @@ def run(args: argparse.Namespace) -> Path:
             return write_bagel(
                 source, cfg, args.out, dtype=dtype, text_vocab_only=args.text_vocab_only,
                 tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, progress=progress,
+                allow_nonfinite=args.allow_nonfinite,
             )  # fmt: skip
         return write_hf(
             source, cfg, args.out, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
             tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, progress=progress,
+            allow_nonfinite=args.allow_nonfinite,
         )  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from modus_mega.convert.files import (
     atomic_directory,
     cast,
     copy_tokenizer_files,
+    nonfinite_fix,
     output_dtype,
     progress_bar,
     read_json,
@@ -51,6 +52,8 @@ from modus_mega.convert.source import (
     ShardFn,
     TensorSource,
     VocabRowsSource,
+    check_finite,
+    check_floating,
     check_tensors,
     full_tensor,
     load_into,
@@ -384,6 +387,7 @@ def import_bagel(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Convert a BAGEL release into a MODUS checkpoint (Hugging Face layout) at ``out``.
 
@@ -396,8 +400,9 @@ def import_bagel(
         check_sincos_tables(source)
         rows = VocabRowsSource(source, vocab.padded_size, cfg.vocab.text_vocab_size, seed, noise)
         return write_hf(
-            rows, cfg, out, dtype, max_shard_bytes, tokenizer_dir=bagel_dir, overwrite=overwrite, progress=progress
-        )
+            rows, cfg, out, dtype, max_shard_bytes, tokenizer_dir=bagel_dir, overwrite=overwrite, progress=progress,
+            allow_nonfinite=allow_nonfinite,
+        )  # fmt: skip
 
 
 def write_bagel(
@@ -409,18 +414,29 @@ def write_bagel(
     tokenizer_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write ``source`` (MODUS names, VAE included) in BAGEL's release layout at ``out``, atomically.
 
-    ``dtype`` casts the floating tensors of ``ema.safetensors`` (the VAE keeps its dtype,
-    as FLUX ships it). With ``text_vocab_only`` the embedding and LM head keep only the
-    pretrained text rows (BAGEL's own row count); by default every row is kept.
+    ``dtype`` casts the tensors of ``ema.safetensors`` (the VAE keeps its dtype, as FLUX
+    ships it). With ``text_vocab_only`` the embedding and LM head keep only the pretrained
+    text rows (BAGEL's own row count); by default every row is kept. Non-floating tensors
+    (without ``dtype``; in the VAE always) and, unless ``allow_nonfinite``, tensors holding
+    NaN or Inf are refused, as ``write_hf`` does.
     """
     vocab = build_vocabulary(cfg.vocab)
     rows = cfg.vocab.text_vocab_size if text_vocab_only else vocab.padded_size
     llm_json, vit_json = bagel_json_configs(cfg, rows)
     check_tensors(expected_shapes(cfg, with_vae=True), source)
+    check_floating(source, [n for n in source.names() if not is_vae_name(n)], dtype)
+    check_floating(source, [n for n in source.names() if is_vae_name(n)], None)
+    fix = nonfinite_fix(allow_nonfinite)
     resized = VocabRowsSource(source, rows, cfg.vocab.text_vocab_size)
+
+    def produce(item: PlannedTensor) -> torch.Tensor:
+        tensor = resized.lazy(item.source_name)[:]
+        return cast(tensor if fix is None else check_finite(tensor, resized.describe(item.source_name), fix), item.dtype)
+
     ema_plan, ae_plan = [], []
     for name in resized.names():
         if is_vae_name(name):
@@ -435,7 +451,7 @@ def write_bagel(
             write_safetensors(
                 tmp / file,
                 plan,
-                lambda item: cast(resized.lazy(item.source_name)[:], item.dtype),
+                produce,
                 on_bytes=bar.update,
             )
         write_json(tmp / LLM_CONFIG_FILE, llm_json)
