@@ -29,6 +29,7 @@ from modus_mega.convert.bagel import import_bagel, write_bagel
 from modus_mega.convert.deepspeed_run import DeepSpeedRunSource, is_run_dir
 from modus_mega.convert.files import parse_size
 from modus_mega.convert.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, open_hf, read_hf_config, write_hf
+from modus_mega.convert.release import release_model_config
 from modus_mega.convert.source import TensorSource
 from modus_mega.convert.universal import write_universal
 
@@ -68,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, help="BAGEL release directory")
     _common(p, shards=True)
     p.add_argument(
-        "--config", required=True, help="MODUS run config whose model section matches BAGEL, e.g. configs/7b.json"
+        "--config",
+        help="MODUS run config whose model section must match the release, e.g. configs/7b.json (every mismatch "
+        "is reported); default: the model config derived from the release itself",
     )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C", help="config override")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C", help="override of --config")
     p.add_argument("--seed", type=int, default=0, help="seed of the new vocabulary rows")
 
     run_src = "MODUS checkpoint directory (hf layout) or training run directory (its latest checkpoint)"
@@ -138,7 +141,9 @@ def run(args: argparse.Namespace) -> Path:
         return write_universal(args.src, overwrite=args.overwrite, progress=not args.quiet)
     dtype, progress = _DTYPES[args.dtype], not args.quiet
     if args.command == "from-bagel":
-        cfg = load_config(args.config, args.overrides).model
+        if args.overrides and not args.config:
+            raise ValueError("--set overrides a --config; without --config the model config comes from the release")
+        cfg = load_config(args.config, args.overrides).model if args.config else release_model_config(args.src)
         return import_bagel(
             args.src, cfg, args.out, seed=args.seed, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
             overwrite=args.overwrite, progress=progress, allow_nonfinite=args.allow_nonfinite,
