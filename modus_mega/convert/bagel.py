@@ -156,7 +156,8 @@ def check_sincos_tables(source: TensorSource) -> None:
         side = math.isqrt(rows)
         stored = source.read(name)
         error = (stored.double() - sincos_2d_table(side, dim)).abs().max().item() if side * side == rows else math.inf
-        if error > max(torch.finfo(stored.dtype).eps, torch.finfo(torch.bfloat16).eps):
+        rounding = torch.finfo(stored.dtype).eps if stored.is_floating_point() else 0.0  # an integer table: cast
+        if error > max(rounding, torch.finfo(torch.bfloat16).eps):
             raise ValueError(
                 f"{source.describe(name)} differs from MODUS's 2D sin-cos table of side {side} by up to {error:.3g}; "
                 "the checkpoint uses another position-table convention (DESIGN §1: row r*S + c is "
@@ -193,6 +194,7 @@ def load_bagel_into(
     if vae is not None:
         modules[VAE_PREFIX] = vae
     with BagelSource(bagel_dir, with_vae=vae is not None) as source:
+        check_floating(source, source.names(), cast_to=None)
         check_sincos_tables(source)
         rows = VocabRowsSource(source, vocab.padded_size, cfg.vocab.text_vocab_size, seed, noise)
         load_into(modules, rows, shard=shard, full_shape=full_shape, allow_unused=allow_unused, progress=progress)
@@ -228,6 +230,7 @@ def import_bagel(
     check_bagel_config(cfg, bagel_dir)
     vocab = build_vocabulary(cfg.vocab)
     with BagelSource(bagel_dir) as source:
+        check_floating(source, source.names(), dtype)
         check_sincos_tables(source)
         rows = VocabRowsSource(source, vocab.padded_size, cfg.vocab.text_vocab_size, seed, noise)
         return write_hf(

@@ -256,11 +256,19 @@ def release_model_config(bagel_dir: str | Path, base: ModelConfig | None = None)
     """The model config of the BAGEL release in ``bagel_dir``: every field it determines, from it.
 
     The other (MODUS-only) fields, such as the new vocabulary tokens, come from ``base``
-    (default: the ``ModelConfig`` defaults, i.e. configs/7b.json's). The result is validated
-    and passes ``check_bagel_config`` by construction.
+    (default: the ``ModelConfig`` defaults, i.e. configs/7b.json's). The release must hold
+    its tokenizer files (they give the vision marker ids). The result is validated and
+    passes ``check_bagel_config`` by construction.
     """
+    fields = release_fields(bagel_dir)
+    if not all(field in fields for field in VISION_MARKERS):
+        raise ValueError(
+            f"{bagel_dir} has no tokenizer files (tokenizer.json, tokenizer_config.json or added_tokens.json), so the "
+            f"ids of {' and '.join(VISION_MARKERS.values())} are unknown; copy the release's tokenizer files into it, "
+            "or give a config whose model.vocab says them"
+        )
     cfg = copy.deepcopy(base) if base is not None else ModelConfig()
-    for field, (value, _) in release_fields(bagel_dir).items():
+    for field, (value, _) in fields.items():
         _set_field(cfg, field, value)
     source = f"the model config derived from {bagel_dir}"
     return config_from_dict({"model": config_to_dict(cfg)}, source=source).model

@@ -67,6 +67,10 @@ def test_without_ae_config_the_autoencoder_is_flux(tmp_path: Path) -> None:
            "num_hidden_layers": 27, "patch_size": 14}  # fmt: skip
     (tmp_path / "llm_config.json").write_text(json.dumps(llm))
     (tmp_path / "vit_config.json").write_text(json.dumps(vit))
+    with pytest.raises(ValueError, match=r"no tokenizer files .* <\|vision_start\|> and <\|vision_end\|> are unknown"):
+        release_model_config(tmp_path)
+    markers = {"151652": {"content": "<|vision_start|>"}, "151653": {"content": "<|vision_end|>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": markers}))
     seven_b = load_config(REPO / "configs" / "7b.json").model
     assert config_to_dict(release_model_config(tmp_path)) == config_to_dict(seven_b)
     seven_b.vae.norm_groups = 16
