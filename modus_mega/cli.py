@@ -7,12 +7,13 @@ status 2 (argparse's status for a usage error). ``--debug`` on the command line 
 ``MODUS_DEBUG=1`` in the environment lets the exception propagate with its traceback. Any
 other exception is a bug and always propagates.
 
-Under a launcher (``WORLD_SIZE`` > 1 in the environment) every rank reads the same config
-and files and would print the same line, hundreds of times: only rank 0 (``RANK``) prints
-it; every rank still exits with status 2. Errors are read before the process group exists
-(config loading comes first), so the rank comes from the launcher's environment. A user
-error that only some ranks meet (a node-local path) is seen with ``MODUS_DEBUG=1``, under
-which every rank prints its traceback.
+Under a launcher (``WORLD_SIZE`` > 1 in the environment) every rank exits with status 2,
+and which ranks print depends on when the error came:
+
+- before the process group exists (the config, the command line): every rank read the same
+  files and would print the same line hundreds of times, so only rank 0 (``RANK``) prints;
+- after (a data shard, a checkpoint, a release): the error may be one rank's own, and a
+  silent rank would hide it, so every rank prints its line, prefixed ``rank N:``.
 """
 
 from __future__ import annotations
@@ -65,9 +66,15 @@ def debug_requested(argv: Sequence[str]) -> bool:
     return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
 
 
-def _prints_errors() -> bool:
-    """Whether this process prints user errors: a lone process, or rank 0 under a launcher."""
-    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+def _rank_prefix() -> str | None:
+    """How this process prints a user error: "" plainly, "rank N: " with its rank, None not at all."""
+    rank = int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return ""
+    dist = sys.modules.get("torch.distributed")  # not imported here: a command that never started one has none
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return f"rank {rank}: "
+    return "" if rank == 0 else None
 
 
 def run_cli(body: Callable[[list[str]], T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
@@ -82,8 +89,9 @@ def run_cli(body: Callable[[list[str]], T], argv: Sequence[str] | None = None, p
     except USER_ERRORS as error:
         if debug_requested(argv):
             raise
-        if _prints_errors():
+        prefix = _rank_prefix()
+        if prefix is not None:
             name = prog or os.path.basename(sys.argv[0])
-            print(f"{name}: error: {one_line(error)} ({DEBUG_FLAG} or {DEBUG_ENV}=1 shows the traceback)",
+            print(f"{prefix}{name}: error: {one_line(error)} ({DEBUG_FLAG} or {DEBUG_ENV}=1 shows the traceback)",
                   file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(USER_ERROR_EXIT) from None

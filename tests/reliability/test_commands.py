@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
-from modus_mega.cli import USER_ERROR_EXIT, UserError, one_line
+from modus_mega.cli import USER_ERROR_EXIT, UserError, one_line, run_cli
 from tests.conftest import REPO
 
 TINY = str(REPO / "configs" / "tiny.json")
@@ -80,3 +81,23 @@ def test_one_line_of_each_kind(tmp_path: Path) -> None:
         missing.read_text()
     except FileNotFoundError as error:
         assert one_line(error) == f"{missing}: No such file or directory; check the path"
+
+
+def test_after_start_up_every_rank_prints_with_its_rank(monkeypatch, capsys) -> None:
+    """An error raised once the process group exists may be this rank's own: rank 1 prints it too."""
+    def fail(argv: list[str]) -> None:
+        raise ValueError("shard 7 is truncated; rebuild it")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        run_cli(fail, [], prog="cmd")
+    assert capsys.readouterr().err == ""  # before start-up: rank 0's line is enough
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(fail, [], prog="cmd")
+    finally:
+        dist.destroy_process_group()
+    assert exit_.value.code == USER_ERROR_EXIT
+    assert capsys.readouterr().err.startswith("rank 1: cmd: error: shard 7 is truncated; rebuild it (--debug")
