@@ -633,4 +633,4 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("parallel.recompute_layers", f"{par.recompute_layers} needs parallel.recompute=full; set it to 0 or turn recompute on")
     optim = config.training.optim
     if optim.min_lr > optim.lr:
-        fail("training.optim.min_lr", f"{optim.min_lr} exceeds training.optim.lr={optim.lr}; the cosine floor must be at most the peak")
+        fail("training.optim.min_lr", f"{optim.min_lr} exceeds training.optim.lr={optim.lr}; the floor must not exceed the peak")

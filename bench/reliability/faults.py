@@ -196,13 +196,17 @@ def bad_conversion_cases(work: Path, rng: random.Random, count: int) -> Iterator
         name = rng.choice(names)
         yield case(f"{name} as int32", lambda p, n=name: _edit_ema(p, lambda t: t.update({n: t[n].to(torch.int32)})))
         offset = rng.randrange(ema_bytes)
-        yield case(f"ema.safetensors truncated at byte {offset}", lambda p, o=offset: _truncate(p / "ema.safetensors", o))
+        yield case(
+            f"ema.safetensors truncated at byte {offset}", lambda p, o=offset: _truncate(p / "ema.safetensors", o)
+        )
         name = rng.choice(names)
         yield case(f"{name} missing", lambda p, n=name: _edit_ema(p, lambda t: t.pop(n)))
         name = rng.choice(names)
-        yield case(f"{name} with a row less", lambda p, n=name: _edit_ema(p, lambda t: t.update({n: t[n][:-1].clone()})))
-    yield case("the latent sin-cos table as int32",  # checked against MODUS's table before the dtypes once
-               lambda p: _edit_ema(p, lambda t: t.update({"latent_pos_embed.pos_embed": t["latent_pos_embed.pos_embed"].int()})))  # fmt: skip
+        yield case(
+            f"{name} with a row less", lambda p, n=name: _edit_ema(p, lambda t: t.update({n: t[n][:-1].clone()}))
+        )
+    table = "latent_pos_embed.pos_embed"  # compared with MODUS's table: its dtype must be checked first
+    yield case("the latent sin-cos table as int32", lambda p: _edit_ema(p, lambda t: t.update({table: t[table].int()})))
     yield case("an extra tensor", lambda p: _edit_ema(p, lambda t: t.update({"unknown_head.weight": torch.zeros(3)})))
     yield case("llm_config.json: num_hidden_layers changed",
                lambda p: _edit_json(p, "llm_config.json", lambda c: c.update(num_hidden_layers=3)))  # fmt: skip
@@ -258,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=20, help="cases of each random kind (offsets, tensors)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    outcomes = [o for name in args.classes for o in run_class(FAULT_CLASSES[name], args.out / name, args.seed, args.cases)]
+    outcomes = [
+        outcome for name in args.classes for outcome in run_class(FAULT_CLASSES[name], args.out / name, args.seed, args.cases)
+    ]
     print(f"{'fault class':<16} {'tried':>6} {'held':>6}")
     for name in args.classes:
         mine = [o for o in outcomes if o.fault_class == name]

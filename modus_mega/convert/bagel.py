@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -269,7 +270,9 @@ def write_bagel(
 
     def produce(item: PlannedTensor) -> torch.Tensor:
         tensor = resized.lazy(item.source_name)[:]
-        return cast(tensor if fix is None else check_finite(tensor, resized.describe(item.source_name), fix), item.dtype)
+        if fix is not None:
+            check_finite(tensor, resized.describe(item.source_name), fix)
+        return cast(tensor, item.dtype)
 
     ema_plan, ae_plan = [], []
     for name in resized.names():

@@ -127,7 +127,7 @@ def progress_bar(total_bytes: int, desc: str, enabled: bool) -> tqdm:
 
 
 def cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """``tensor`` in ``dtype`` if ``dtype`` is given (an explicit request: every MODUS tensor is floating); else unchanged."""
+    """``tensor`` in ``dtype`` if ``dtype`` is given (an explicit request, integer tensors too); else unchanged."""
     return tensor.to(dtype) if dtype is not None else tensor
 
 

@@ -247,7 +247,8 @@ def _set_field(cfg: ModelConfig, field: str, value: Any) -> None:
 def _overrides(field: str, value: Any) -> list[str]:
     """The ``--set`` items that give ``field`` its release value."""
     if field == "vit.num_layers_used":
-        return [f"model.vit.num_layers={value + BAGEL_VIT_DROPPED_LAYERS}", f"model.vit.select_layer={-1 - BAGEL_VIT_DROPPED_LAYERS}"]
+        layers, select = value + BAGEL_VIT_DROPPED_LAYERS, -1 - BAGEL_VIT_DROPPED_LAYERS
+        return [f"model.vit.num_layers={layers}", f"model.vit.select_layer={select}"]
     text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value).replace(" ", "")
     return [f"model.{field}={text}"]
 

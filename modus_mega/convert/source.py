@@ -417,7 +417,8 @@ def check_finite(tensor: Tensor, what: str, fix: str) -> Tensor:
     if tensor.is_floating_point():
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
-            raise ValueError(f"refusing {what}: it holds {bad} non-finite value(s) (NaN/Inf) of {tensor.numel()}; {fix}")
+            raise ValueError(f"refusing {what}: it holds {bad} non-finite value(s) (NaN/Inf) of {tensor.numel()}; "
+                             + fix)  # fmt: skip
     return tensor
 
 

@@ -332,4 +332,5 @@ class Watchdog:
             )
         verdict = diagnose(first, second, self.world_size, self.rank, hung_after_s=self.settle_s)
         ended = end_frozen_on_host(first, second, self.rank, self._host)
-        return "\n".join([f"{head}\nWatchdog (heartbeats in the c10d store at {self.store_address}): {verdict}", *ended])
+        report = f"{head}\nWatchdog (heartbeats in the c10d store at {self.store_address}): {verdict}"
+        return "\n".join([report, *ended])

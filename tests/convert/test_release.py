@@ -11,8 +11,8 @@ import pytest
 
 from modus_mega.config import config_to_dict, load_config
 from modus_mega.convert.__main__ import main
-from modus_mega.convert.release import check_bagel_config, release_model_config
 from modus_mega.convert.hf import read_hf_config
+from modus_mega.convert.release import check_bagel_config, release_model_config
 from tests.convert.helpers import REPO, random_reference, tiny_config, write_release
 
 
@@ -54,7 +54,8 @@ def test_vision_markers_come_from_the_tokenizer(release: Path, tmp_path: Path) -
     (path / "tokenizer.json").write_text(json.dumps({"model": "tiny", "added_tokens": added}))
     derived = release_model_config(path, base=tiny_config().model)
     assert (derived.vocab.vision_start_id, derived.vocab.vision_end_id) == (510, 511)
-    with pytest.raises(ValueError, match=r"<\|vision_start\|> = 510, but the model config has model\.vocab\.vision_start_id = None"):
+    mismatch = r"<\|vision_start\|> = 510, but the model config has model\.vocab\.vision_start_id = None"
+    with pytest.raises(ValueError, match=mismatch):
         check_bagel_config(tiny_config().model, path)
 
 

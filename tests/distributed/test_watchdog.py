@@ -49,7 +49,9 @@ def _launch(command: list[str], rank: int, log: Path, env: dict[str, str]) -> su
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def _finish(survivor: subprocess.Popen, others: list[subprocess.Popen], faulty: subprocess.Popen) -> tuple[int, int | None]:
+def _finish(
+    survivor: subprocess.Popen, others: list[subprocess.Popen], faulty: subprocess.Popen
+) -> tuple[int, int | None]:
     """The survivor's exit code (hang guard: HANG_GUARD_S) and the faulty rank's, if it ended by then or
     within the guard after (None: it did not); then every process of the run is ended."""
     try:
