@@ -17,6 +17,7 @@ import argparse
 
 from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.config import load_config
+from modus_mega.convert.release import check_bagel_config
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.training.loop import train
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
 def _run(argv: list[str]) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if cfg.init.bagel_dir:  # every mismatch with the release, in one line, before any rank starts
+        check_bagel_config(cfg.model, cfg.init.bagel_dir)
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
         result = train(cfg, ctx)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from modus_mega.cli import USER_ERROR_EXIT, UserError, one_line, run_cli
 from tests.conftest import REPO
+from tests.convert.helpers import random_reference, tiny_config, write_release
 
 TINY = str(REPO / "configs" / "tiny.json")
 COMMANDS = {  # name: (command line, what the line must say)
@@ -101,3 +102,17 @@ def test_after_start_up_every_rank_prints_with_its_rank(monkeypatch, capsys) -> 
         dist.destroy_process_group()
     assert exit_.value.code == USER_ERROR_EXIT
     assert capsys.readouterr().err.startswith("rank 1: cmd: error: shard 7 is truncated; rebuild it (--debug")
+
+
+def test_pretrain_lists_every_mismatch_with_init_bagel_dir_before_starting(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    write_release(tmp_path / "bagel", cfg, *random_reference(cfg))
+    args = [str(REPO / "launch" / "pretrain.py"), "--config", TINY, "--set", f"init.bagel_dir={tmp_path / 'bagel'}",
+            "--set", "model.vae.norm_groups=4", "--set", "model.vae.scale_factor=0.5",
+            "--set", f"training.run_dir={tmp_path / 'run'}"]  # fmt: skip
+    result = _run(args)
+    lines = _own_lines(result.stderr)
+    assert result.returncode == USER_ERROR_EXIT and len(lines) == 1, result.stderr
+    assert "does not match the BAGEL release" in lines[0] and "in 2 field(s)" in lines[0], lines[0]
+    assert "--set model.vae.norm_groups=8 --set model.vae.scale_factor=0.3611" in lines[0]
+    assert not (tmp_path / "run").exists()  # refused before anything started
