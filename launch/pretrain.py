@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 
+from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.config import load_config
+from modus_mega.convert.release import check_bagel_config
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.training.loop import train
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (``--local_rank`` is what the deepspeed launcher appends)."""
     parser = argparse.ArgumentParser(description="Train MODUS from a config file.")
     parser.add_argument("--config", required=True, help="path to a config JSON, e.g. configs/tiny.json")
@@ -29,13 +31,20 @@ def parse_args() -> argparse.Namespace:
         help="override a config value, e.g. --set training.steps=10 (repeatable)",
     )  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    add_debug_argument(parser)
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    """Entry point."""
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: a user error prints as one line and exits 2 (``modus_mega/cli.py``)."""
+    run_cli(_run, argv, prog="launch/pretrain.py")
+
+
+def _run(argv: list[str]) -> None:
+    args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if cfg.init.bagel_dir:  # every mismatch with the release, in one line, before any rank starts
+        check_bagel_config(cfg.model, cfg.init.bagel_dir)
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
         result = train(cfg, ctx)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -401,16 +403,194 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
 # ----------------------------------------------------------------------------- validation
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one numeric config field: ``lo <= v <= hi`` (``<`` where the bound is open)."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False  # lo itself is invalid
+    hi_open: bool = False  # hi itself is invalid
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def describe(self) -> str:
+        """``of at least 1``, ``in [0, 1)``, ``greater than 0``: completes "set it to a value ..."."""
+        if math.isinf(self.lo) and math.isinf(self.hi):
+            return "that is finite"
+        if math.isinf(self.hi):
+            return f"greater than {self.lo:g}" if self.lo_open else f"of at least {self.lo:g}"
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {left}{self.lo:g}, {self.hi:g}{right}"
+
+    def invalid_examples(self, is_int: bool) -> list[float]:
+        """Values outside the range (the bounds' neighbours; NaN and infinity for a float field)."""
+        step = 1 if is_int else 1e-3
+        below = [self.lo if self.lo_open else self.lo - step] if math.isfinite(self.lo) else []
+        above = [self.hi if self.hi_open else self.hi + step] if math.isfinite(self.hi) else []
+        return below + above + ([] if is_int else [math.nan, math.inf, -math.inf])
+
+
+_POSITIVE_INT, _NON_NEGATIVE, _POSITIVE, _FINITE = Range(1), Range(0), Range(0, lo_open=True), Range()
+_FRACTION, _DECAY = Range(0, 1), Range(0, 1, hi_open=True)
+_SEED = Range(0, 2**63 - 1)  # torch generators take 64-bit seeds
+
+# Every numeric field of the tree and its valid range. A list's items are ``key[]``, a map's
+# values ``key.*``. tests/test_config.py walks the dataclasses and fails for a numeric field
+# missing here, so a new field cannot skip validation. Floats must also be finite.
+FIELD_RANGES: dict[str, Range] = {
+    **{f"model.llm.{k}": _POSITIVE_INT for k in (
+        "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")},
+    "model.llm.rope_theta": _POSITIVE,
+    "model.llm.rms_norm_eps": _POSITIVE,
+    "model.llm.init_std": _NON_NEGATIVE,
+    **{f"model.vit.{k}": _POSITIVE_INT for k in (
+        "hidden_size", "intermediate_size", "num_heads", "num_layers", "patch_size", "max_patches_per_side",
+        "num_channels")},
+    "model.vit.select_layer": Range(-1024, 1024),  # and it must select a layer of model.vit.num_layers (below)
+    "model.vit.layer_norm_eps": _POSITIVE,
+    **{f"model.vae.{k}": _POSITIVE_INT for k in (
+        "latent_channels", "base_channels", "channel_multipliers[]", "num_res_blocks", "norm_groups", "in_channels")},
+    "model.vae.scale_factor": _POSITIVE,
+    "model.vae.shift_factor": _FINITE,
+    "model.vocab.text_vocab_size": _POSITIVE_INT,
+    "model.vocab.vision_start_id": _NON_NEGATIVE,
+    "model.vocab.vision_end_id": _NON_NEGATIVE,
+    "model.vocab.coordinate_bins": _POSITIVE_INT,
+    "model.vocab.codebook_size": _POSITIVE_INT,
+    "model.vocab.vocab_multiple": _POSITIVE_INT,
+    "model.latent_patch_size": _POSITIVE_INT,
+    "model.max_latent_size": _POSITIVE_INT,
+    "model.timestep_frequency_dim": Range(2),
+    "data.num_workers": _NON_NEGATIVE,
+    "data.num_samples": _POSITIVE_INT,
+    "data.image_size": _POSITIVE_INT,
+    "data.token_budget": Range(16),
+    "data.max_conditions": _NON_NEGATIVE,
+    "data.condition_dropout": _FRACTION,
+    "data.target_weights.*": _NON_NEGATIVE,
+    "data.augment.crop_min_side": Range(0, 1, lo_open=True),
+    "data.augment.max_pixels": _POSITIVE_INT,
+    "data.max_image_pixels": _POSITIVE_INT,
+    "data.max_array_bytes": _POSITIVE_INT,
+    "data.seed": _SEED,
+    "training.steps": _POSITIVE_INT,
+    "training.grad_accum_steps": _POSITIVE_INT,
+    "training.seed": _SEED,
+    "training.ce_weight": _NON_NEGATIVE,
+    "training.mse_weight": _NON_NEGATIVE,
+    "training.timesteps.logit_mean": _FINITE,
+    "training.timesteps.logit_std": _POSITIVE,
+    "training.timesteps.shift": _POSITIVE,
+    "training.optim.lr": _POSITIVE,
+    "training.optim.min_lr": _NON_NEGATIVE,  # and at most lr (below)
+    "training.optim.warmup_steps": _NON_NEGATIVE,
+    "training.optim.weight_decay": _NON_NEGATIVE,
+    "training.optim.betas[]": _DECAY,
+    "training.optim.eps": _POSITIVE,
+    "training.optim.grad_clip": _NON_NEGATIVE,
+    "training.log_every": _POSITIVE_INT,
+    "training.checkpoint_every": _NON_NEGATIVE,
+    "training.ema_decay": _DECAY,
+    "training.max_bad_steps": _POSITIVE_INT,
+    "training.peak_tflops": _NON_NEGATIVE,
+    "training.keep_last": _NON_NEGATIVE,
+    "training.keep_every": _NON_NEGATIVE,
+    "training.fp8.amax_history_len": _POSITIVE_INT,
+    "parallel.tp": _POSITIVE_INT,
+    "parallel.pp": _POSITIVE_INT,
+    "parallel.zero_stage": Range(0, 3),
+    "parallel.collective_timeout_s": _POSITIVE_INT,
+    "parallel.recompute_layers": _NON_NEGATIVE,
+    "init.seed": _SEED,
+}  # fmt: skip
+# Fixed-length lists: key -> items.
+FIELD_LENGTHS = {"training.optim.betas": 2}
+# Strings that must not be empty, and why.
+NON_EMPTY_STRINGS = {
+    "training.run_dir": "every output (checkpoints, metrics) goes there; e.g. runs/my_run",
+    "training.wandb_project": "the wandb project of the run, e.g. modus",
+}
+
+
+def numeric_field_patterns(cls: type = ModusConfig, prefix: str = "") -> Iterator[tuple[str, type]]:
+    """Every numeric field of the dataclass tree ``cls`` as (``FIELD_RANGES`` key, int or float), from the types."""
+    for name, hint in typing.get_type_hints(cls).items():
+        key = prefix + name
+        if dataclasses.is_dataclass(hint):
+            yield from numeric_field_patterns(hint, key + ".")
+            continue
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin is list:
+            key, args = key + "[]", args
+        elif origin is dict:
+            key, args = key + ".*", args[1:]
+        elif origin in (typing.Union, types.UnionType):
+            args = tuple(a for a in args if a is not type(None))
+        else:
+            args = (hint,)
+        numeric = [a for a in args if a in (int, float)]
+        if numeric:
+            yield key, numeric[0]
+
+
+def _numeric_values(node: Any, prefix: str = "") -> Iterator[tuple[str, str, int | float]]:
+    """Every numeric value in the config tree as (key to report, ``FIELD_RANGES`` key, value)."""
+    for f in dataclasses.fields(node):
+        key, value = prefix + f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_values(value, key + ".")
+        elif isinstance(value, list):
+            yield from ((f"{key}[{i}]", key + "[]", v) for i, v in enumerate(value) if _is_number(v))
+        elif isinstance(value, dict):
+            yield from ((f"{key}.{k}", key + ".*", v) for k, v in value.items() if _is_number(v))
+        elif _is_number(value):
+            yield key, key, value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_ranges(config: ModusConfig, source: str) -> None:
+    """Every numeric field within its ``FIELD_RANGES`` row, fixed-length lists, non-empty strings."""
+    for key, pattern, value in _numeric_values(config):
+        valid = FIELD_RANGES[pattern]
+        if value not in valid:
+            raise ValueError(
+                f"{source}: {key} = {value!r} is out of range; set it to a value {valid.describe()}"
+            )
+    for key, length in FIELD_LENGTHS.items():
+        value = _get(config, key)
+        if len(value) != length:
+            raise ValueError(f"{source}: {key} = {value!r} must have exactly {length} items, e.g. [0.9, 0.95]")
+    for key, why in NON_EMPTY_STRINGS.items():
+        if not _get(config, key).strip():
+            raise ValueError(f"{source}: {key} is empty; give it a value ({why})")
+    if len(config.model.vae.channel_multipliers) < 1:
+        raise ValueError(f"{source}: model.vae.channel_multipliers is empty; FLUX uses [1, 2, 4, 4]")
+
+
+def _get(config: ModusConfig, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate(config: ModusConfig, source: str = "<config>") -> None:
-    """Check cross-field consistency; raise ``ValueError`` with the key, file and fix."""
+    """Check every field's range, then cross-field consistency; raise ``ValueError`` with the key, file and fix."""
+    _check_ranges(config, source)
     llm, vit, par = config.model.llm, config.model.vit, config.parallel
 
     def fail(key: str, msg: str) -> None:
         raise ValueError(f"{source}: {key}: {msg}")
 
-    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
-        if getattr(llm, key) <= 0:
-            fail(f"model.llm.{key}", "must be positive")
     if llm.num_heads % llm.num_kv_heads:
         fail("model.llm.num_kv_heads", f"{llm.num_kv_heads} does not divide num_heads={llm.num_heads}; pick a divisor")
     if llm.head_dim % 2:
@@ -421,8 +601,6 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("model.vit.num_heads", f"{vit.num_heads} does not divide model.vit.hidden_size={vit.hidden_size}")
     if not 1 <= vit.num_layers_used <= vit.num_layers:
         fail("model.vit.select_layer", f"{vit.select_layer} selects no layer of {vit.num_layers}")
-    if par.tp < 1 or par.pp < 1:
-        fail("parallel.tp" if par.tp < 1 else "parallel.pp", "must be at least 1")
     if llm.num_kv_heads % par.tp:
         fail(
             "parallel.tp",
@@ -437,8 +615,6 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("parallel.tp", f"tp={par.tp} does not divide model.llm.intermediate_size={llm.intermediate_size}")
     if llm.num_layers % par.pp:
         fail("parallel.pp", f"pp={par.pp} does not divide model.llm.num_layers={llm.num_layers}")
-    if par.zero_stage not in (0, 1, 2, 3):
-        fail("parallel.zero_stage", f"{par.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     if par.pp > 1 and par.zero_stage > 1:
         fail(
             "parallel.zero_stage",
@@ -453,25 +629,13 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
     from modus_mega.modalities import MODALITY_NAMES  # local import: modalities imports nothing from here
 
     data = config.data
-    for name, weight in data.target_weights.items():
+    for name in data.target_weights:
         if name not in MODALITY_NAMES:
             fail(f"data.target_weights.{name}", f"unknown modality {name!r}; valid: {list(MODALITY_NAMES)}")
-        if weight < 0:
-            fail(f"data.target_weights.{name}", f"weight {weight} must be non-negative")
     if not any(w > 0 for w in data.target_weights.values()):
         fail("data.target_weights", "must give at least one modality a positive weight")
     if data.source == "shards" and not (data.shards and data.text_tokenizer):
         fail("data.shards", "source=shards needs data.shards (a shard directory) and data.text_tokenizer")
-    if not 0.0 <= data.condition_dropout <= 1.0:
-        fail("data.condition_dropout", "must lie in [0, 1]")
-    if not 0.0 < data.augment.crop_min_side <= 1.0:
-        fail("data.augment.crop_min_side", "must lie in (0, 1]")
-    if data.num_workers < 0:
-        fail("data.num_workers", "must be 0 or more")
-    if data.max_image_pixels < 1 or data.max_array_bytes < 1:
-        fail("data.max_image_pixels" if data.max_image_pixels < 1 else "data.max_array_bytes", "must be positive")
-    if config.data.token_budget < 16:
-        fail("data.token_budget", "must be at least 16 tokens")
     if config.data.image_size % (config.model.vae.downsample * config.model.latent_patch_size):
         fail("data.image_size", "must be a multiple of the VAE downsampling times latent_patch_size")
     bagel_dir = config.init.bagel_dir
@@ -484,32 +648,15 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
                 f"(holding {', '.join(BAGEL_RELEASE_FILES)} and the tokenizer files), or set it to \"\" to start "
                 "from the seeded init",
             )
-    if par.collective_timeout_s < 1:
-        fail("parallel.collective_timeout_s", "must be at least 1 second")
     if not 0 <= par.recompute_layers <= llm.num_layers:
         fail("parallel.recompute_layers", f"{par.recompute_layers} must lie in [0, model.llm.num_layers={llm.num_layers}] (0 = all)")
     if par.recompute == "none" and par.recompute_layers:
         fail("parallel.recompute_layers", f"{par.recompute_layers} needs parallel.recompute=full; set it to 0 or turn recompute on")
     training = config.training
-    if not 0.0 <= training.ema_decay < 1.0:
-        fail("training.ema_decay", f"{training.ema_decay} must lie in [0, 1); 0 disables the EMA, BAGEL uses 0.9999")
-    if training.max_bad_steps < 1:
-        fail("training.max_bad_steps", "must be at least 1 (the number of non-finite steps in a row that stops the run)")
-    if training.fp8.amax_history_len < 1:
-        fail("training.fp8.amax_history_len", "must be at least 1 (steps of amax history per tensor; TE's default is 1024)")
     if training.precision == "fp8" and training.fp8.emulate and par.tp_backend == "te":
         fail("training.fp8.emulate", "is torchao's option; Transformer Engine (parallel.tp_backend=te) has no emulated FP8: set it false")
-    if training.peak_tflops < 0:
-        fail("training.peak_tflops", "must be 0 (no MFU) or the accelerator's peak TFLOP/s, e.g. 989 for an H100 SXM at bf16")
     if type(training.resume) not in (bool, str):  # 1 or 1.0 pass the Literal check (1 == True)
         fail("training.resume", f"{training.resume!r} must be true, false or \"fallback\"")
-    if training.keep_last < 0:
-        fail("training.keep_last", "must be 0 (keep every checkpoint) or the number of newest checkpoints to keep")
-    if training.keep_every < 0:
-        fail("training.keep_every", "must be 0 (no milestones) or a step interval whose checkpoints are kept")
-    if config.training.checkpoint_every < 0:
-        fail("training.checkpoint_every", "must be 0 (no periodic checkpoints) or a positive step count")
-    if config.training.grad_accum_steps < 1:
-        fail("training.grad_accum_steps", "must be at least 1")
-    if config.training.timesteps.shift <= 0:
-        fail("training.timesteps.shift", "must be positive")
+    optim = config.training.optim
+    if optim.min_lr > optim.lr:
+        fail("training.optim.min_lr", f"{optim.min_lr} exceeds training.optim.lr={optim.lr}; the floor must not exceed the peak")

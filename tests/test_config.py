@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from modus_mega.config import config_from_dict, config_to_dict, load_config, save_config
+from modus_mega.config import (
+    FIELD_RANGES,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    numeric_field_patterns,
+    save_config,
+)
 from modus_mega.model.params import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +111,7 @@ def test_base_chain_merges_objects_and_replaces_the_rest(tmp_path: Path) -> None
         "base": "../a.json",
         "parallel": {"tp": 2},
         "data": {"target_weights": {"depth": 1.0, "rgb": 3.0}},
-        "training": {"optim": {"betas": [0.8]}, "steps": 5},
+        "training": {"optim": {"betas": [0.8, 0.9]}, "steps": 5},
     }))  # fmt: skip
     (tmp_path / "sub" / "c.json").write_text(json.dumps({"base": "b.json", "training": {"steps": 7, "seed": 4}}))
     cfg = load_config(tmp_path / "sub" / "c.json", ["training.steps=9"])
@@ -113,7 +120,7 @@ def test_base_chain_merges_objects_and_replaces_the_rest(tmp_path: Path) -> None
     expected["parallel"]["tp"] = 2
     expected["data"]["target_weights"] = {"caption": 1.0, "depth": 1.0, "rgb": 3.0}
     expected["training"].update(steps=9, seed=4)
-    expected["training"]["optim"]["betas"] = [0.8]  # lists are replaced, not merged
+    expected["training"]["optim"]["betas"] = [0.8, 0.9]  # lists are replaced, not merged
     assert config_to_dict(cfg) == config_to_dict(config_from_dict(expected))
     assert list(cfg.data.target_weights) == ["caption", "depth", "rgb"]  # base's other keys, then the file's
 
@@ -162,3 +169,60 @@ def test_base_errors_name_the_files(tmp_path: Path, files: dict, message: str) -
     with pytest.raises(ValueError) as info:
         load_config(tmp_path / "run.json")
     assert message.format(tmp=tmp_path) in str(info.value)
+
+
+def _invalid_cases() -> list[tuple[str, object]]:
+    """(reported key, invalid value) for every numeric field of the tree, from the types and FIELD_RANGES."""
+    cases = []
+    for pattern, kind in numeric_field_patterns():
+        assert pattern in FIELD_RANGES, f"{pattern} has no row in config.FIELD_RANGES: give it its valid range"
+        key = pattern.replace("[]", "[0]").replace(".*", ".rgb")
+        examples = FIELD_RANGES[pattern].invalid_examples(is_int=kind is int)
+        assert examples, f"{pattern}: its range refuses nothing"
+        cases += [(key, value) for value in examples]
+    return cases
+
+
+def _set(raw: dict, key: str, value: object) -> None:
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    if last.endswith("[0]"):
+        node[last[:-3]][0] = value
+    else:
+        node[last] = value
+
+
+@pytest.mark.parametrize(("key", "value"), _invalid_cases(), ids=lambda v: str(v))
+def test_every_numeric_field_refuses_an_out_of_range_value(key: str, value: object) -> None:
+    raw = config_to_dict(load_config(REPO / "configs" / "tiny.json"))
+    _set(raw, key, value)
+    with pytest.raises(ValueError) as info:
+        config_from_dict(raw, source="run.json")
+    assert str(info.value).startswith(f"run.json: {key} = "), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.log_every=0", "training.log_every = 0 is out of range; set it to a value of at least 1"),
+        ("training.optim.lr=-0.1", "training.optim.lr = -0.1 is out of range; set it to a value greater than 0"),
+        ("training.optim.lr=NaN", "training.optim.lr = nan is out of range"),
+        ("training.timesteps.logit_mean=Infinity", "training.timesteps.logit_mean = inf is out of range"),
+        ("training.steps=-5", "training.steps = -5 is out of range"),
+        ("training.optim.betas=[0.9]", "training.optim.betas = [0.9] must have exactly 2 items"),
+        ("training.optim.betas=[1.5, 0.95]", "training.optim.betas[0] = 1.5 is out of range; set it to a value in [0, 1)"),
+        ("data.image_size=0", "data.image_size = 0 is out of range"),
+        ("training.optim.warmup_steps=-3", "training.optim.warmup_steps = -3 is out of range"),
+        ("data.num_samples=0", "data.num_samples = 0 is out of range"),
+        ("training.optim.grad_clip=-1", "training.optim.grad_clip = -1.0 is out of range"),
+        ('training.run_dir=""', "training.run_dir is empty"),
+        ("training.optim.min_lr=1", "training.optim.min_lr: 1.0 exceeds training.optim.lr"),
+    ],
+)
+def test_the_values_of_issue_15_are_refused(tmp_path: Path, override: str, message: str) -> None:
+    path = write(tmp_path, tiny_raw())
+    with pytest.raises(ValueError) as info:
+        load_config(path, [override])
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)

@@ -11,17 +11,10 @@ fresh run from ``init.bagel_dir`` at any tp x pp, ``deepspeed_run.DeepSpeedRunSo
 reads a run's latest checkpoint at any tp, pp and ZeRO stage (its EMA weights too).
 """
 
-from modus_mega.convert.bagel import (
-    BagelSource,
-    bagel_model_config,
-    check_bagel_config,
-    import_bagel,
-    load_bagel_into,
-    save_bagel,
-    write_bagel,
-)
+from modus_mega.convert.bagel import BagelSource, import_bagel, load_bagel_into, save_bagel, write_bagel
 from modus_mega.convert.hf import load_pretrained, open_hf, read_hf_config, save_pretrained, write_hf
 from modus_mega.convert.keymap import bagel_to_ours, ours_to_bagel
+from modus_mega.convert.release import check_bagel_config, release_model_config
 from modus_mega.convert.source import (
     ModuleSource,
     SafetensorsSource,
@@ -38,7 +31,6 @@ __all__ = [
     "SafetensorsSource",
     "TensorSource",
     "VocabRowsSource",
-    "bagel_model_config",
     "bagel_to_ours",
     "check_bagel_config",
     "extend_vocab_rows",
@@ -49,6 +41,7 @@ __all__ = [
     "open_hf",
     "ours_to_bagel",
     "read_hf_config",
+    "release_model_config",
     "save_bagel",
     "save_pretrained",
     "write_bagel",

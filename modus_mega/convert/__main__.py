@@ -9,9 +9,10 @@ Commands: ``from-bagel``, ``to-bagel``, ``to-hf``, ``from-hf``, ``universal``.
 directory (one holding ``checkpoints/``: its latest DeepSpeed checkpoint at any tp, pp and
 ZeRO stage, ``--ema`` for its EMA weights). Every command streams tensor by tensor (memory
 stays near the largest tensor), shows a progress bar, refuses missing / extra /
-mis-shaped tensors before writing anything, and writes its output into a temporary
-directory renamed into place at the end, so a failed or interrupted run never leaves a
-half-written checkpoint.
+mis-shaped and non-floating tensors before writing anything (``--dtype`` casts the latter
+explicitly), refuses a tensor holding NaN or Inf when it reaches it (``--allow-nonfinite``
+converts it anyway), and writes its output into a temporary directory renamed into place at
+the end, so a failed or interrupted run never leaves a half-written checkpoint.
 
 ``universal`` writes a training checkpoint tag's universal form (``<tag>/universal``: full
 fp32 weights, Adam moments and EMA per parameter, ``convert/universal.py``), from which a
@@ -21,16 +22,17 @@ run resumes at another tp, pp or ZeRO stage.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
+from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.config import ModelConfig, load_config
 from modus_mega.convert.bagel import import_bagel, write_bagel
 from modus_mega.convert.deepspeed_run import DeepSpeedRunSource, is_run_dir
 from modus_mega.convert.files import parse_size
 from modus_mega.convert.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, open_hf, read_hf_config, write_hf
+from modus_mega.convert.release import release_model_config
 from modus_mega.convert.source import TensorSource
 from modus_mega.convert.text_model import write_text_model
 from modus_mega.convert.universal import write_universal
@@ -40,13 +42,20 @@ _DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "
 
 def _common(parser: argparse.ArgumentParser, shards: bool) -> None:
     parser.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--dtype", choices=list(_DTYPES), default="keep", help="cast floating tensors (default: keep)")
+    parser.add_argument(
+        "--dtype", choices=list(_DTYPES), default="keep",
+        help="cast every tensor to this dtype (default: keep; a non-floating tensor is refused unless cast)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-nonfinite", action="store_true", help="convert tensors holding NaN or Inf (refused by default)"
+    )
     if shards:
         parser.add_argument(
             "--max-shard-size", default=f"{DEFAULT_MAX_SHARD_BYTES // 10**9}GB", help="largest shard, e.g. 5GB, 500MB"
         )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_debug_argument(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, help="BAGEL release directory")
     _common(p, shards=True)
     p.add_argument(
-        "--config", required=True, help="MODUS run config whose model section matches BAGEL, e.g. configs/7b.json"
+        "--config",
+        help="MODUS run config whose model section must match the release, e.g. configs/7b.json (every mismatch "
+        "is reported); default: the model config derived from the release itself",
     )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C", help="config override")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C", help="override of --config")
     p.add_argument("--seed", type=int, default=0, help="seed of the new vocabulary rows")
 
     run_src = "MODUS checkpoint directory (hf layout) or training run directory (its latest checkpoint)"
@@ -102,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, help="a checkpoint tag, RUN_DIR/checkpoints/<tag> (or RUN_DIR: its latest tag)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing <tag>/universal")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_argument(p)
     return parser
 
 
@@ -138,10 +150,12 @@ def run(args: argparse.Namespace) -> Path:
         return write_universal(args.src, overwrite=args.overwrite, progress=not args.quiet)
     dtype, progress = _DTYPES[args.dtype], not args.quiet
     if args.command == "from-bagel":
-        cfg = load_config(args.config, args.overrides).model
+        if args.overrides and not args.config:
+            raise ValueError("--set overrides a --config; without --config the model config comes from the release")
+        cfg = load_config(args.config, args.overrides).model if args.config else release_model_config(args.src)
         return import_bagel(
             args.src, cfg, args.out, seed=args.seed, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
-            overwrite=args.overwrite, progress=progress,
+            overwrite=args.overwrite, progress=progress, allow_nonfinite=args.allow_nonfinite,
         )  # fmt: skip
     cfg, source, tokenizer_dir = _open_source(args)
     with source:
@@ -149,6 +163,7 @@ def run(args: argparse.Namespace) -> Path:
             return write_bagel(
                 source, cfg, args.out, dtype=dtype, text_vocab_only=args.text_vocab_only,
                 tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, progress=progress,
+                allow_nonfinite=args.allow_nonfinite,
             )  # fmt: skip
         if getattr(args, "text_model", False):
             return write_text_model(
@@ -161,18 +176,17 @@ def run(args: argparse.Namespace) -> Path:
         return write_hf(
             source, cfg, args.out, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
             tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, progress=progress,
+            allow_nonfinite=args.allow_nonfinite,
         )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse ``argv`` and convert; a refused input exits with status 1 and the reason."""
-    args = build_parser().parse_args(argv)
-    try:
-        out = run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(f"wrote {out}")
+    """Parse ``argv`` and convert; a refused input prints one line and exits 2 (``modus_mega/cli.py``)."""
+    run_cli(_main, argv, prog="python -m modus_mega.convert")
+
+
+def _main(argv: list[str]) -> None:
+    print(f"wrote {run(build_parser().parse_args(argv))}")
 
 
 if __name__ == "__main__":

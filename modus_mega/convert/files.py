@@ -127,13 +127,18 @@ def progress_bar(total_bytes: int, desc: str, enabled: bool) -> tqdm:
 
 
 def cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """``tensor`` in ``dtype`` if it is a floating tensor and ``dtype`` is given; else unchanged."""
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    """``tensor`` in ``dtype`` if ``dtype`` is given (an explicit request, integer tensors too); else unchanged."""
+    return tensor.to(dtype) if dtype is not None else tensor
 
 
 def output_dtype(dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
     """The stored dtype of a tensor of ``dtype`` under ``cast(.., requested)``."""
-    return requested if requested is not None and dtype.is_floating_point else dtype
+    return requested if requested is not None else dtype
+
+
+def nonfinite_fix(allow_nonfinite: bool) -> str | None:
+    """The fix a non-finite tensor's refusal names, or None when ``--allow-nonfinite`` lets it through."""
+    return None if allow_nonfinite else "the checkpoint is damaged: use an intact copy, or pass --allow-nonfinite"
 
 
 def write_json(path: Path, data: object) -> None:

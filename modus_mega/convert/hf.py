@@ -28,6 +28,7 @@ from modus_mega.convert.files import (
     atomic_directory,
     cast,
     copy_tokenizer_files,
+    nonfinite_fix,
     output_dtype,
     plan_shards,
     progress_bar,
@@ -41,6 +42,8 @@ from modus_mega.convert.source import (
     ModuleSource,
     SafetensorsSource,
     TensorSource,
+    check_finite,
+    check_floating,
     check_tensors,
     load_into,
 )
@@ -138,20 +141,26 @@ def write_hf(
     tokenizer_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write ``source`` (MODUS names, full shapes) as the Hugging Face layout in ``out``, atomically.
 
     The source must hold exactly the tensors of ``cfg``'s model (the VAE's too, or none of
-    them), with their shapes; anything else is refused before a byte is written. Floating
-    tensors are cast to ``dtype`` if given. Returns ``out``.
+    them), with their shapes, all floating point unless ``dtype`` is given; anything else is
+    refused before a byte is written. Tensors are cast to ``dtype`` if given. A tensor holding
+    NaN or Inf is refused as it is reached (nothing is left behind) unless ``allow_nonfinite``.
+    Returns ``out``.
     """
     has_vae = any(is_vae_name(name) for name in source.names())
     check_tensors(expected_shapes(cfg, has_vae), source)
+    check_floating(source, source.names(), dtype)
+    fix = nonfinite_fix(allow_nonfinite)
     plan = [PlannedTensor(n, n, source.shape(n), output_dtype(source.dtype(n), dtype)) for n in source.names()]
     out = Path(out)
 
     def produce(item: PlannedTensor) -> torch.Tensor:
-        return cast(source.read(item.source_name), dtype)
+        tensor = source.read(item.source_name)
+        return cast(tensor if fix is None else check_finite(tensor, source.describe(item.source_name), fix), dtype)
 
     with atomic_directory(out, overwrite) as tmp:
         write_shards(tmp, plan, produce, max_shard_bytes, f"write {out.name}", progress)

@@ -45,9 +45,9 @@ def init_from_bagel(
     loaded, the release's other tensors are skipped). Nothing is read when
     ``init.bagel_dir`` is empty. A run that resumes from its own checkpoint reads only the
     VAE: the checkpoint replaces the trained weights, but the frozen VAE is not in it. The
-    model config is checked against the release first (``bagel.check_bagel_config``); the
-    new vocabulary rows are drawn from ``init.seed``. Every tensor this rank holds is
-    overwritten.
+    model config is checked against the release first (``release.check_bagel_config``: every
+    mismatch at once); the new vocabulary rows are drawn from ``init.seed``. Every tensor this
+    rank holds is overwritten.
     """
     if not cfg.init.bagel_dir:
         return False

@@ -396,6 +396,32 @@ def _listing(names: Sequence[str], describe: Callable[[str], str], limit: int = 
     return shown + (f"; and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def check_floating(source: TensorSource, names: Sequence[str], cast_to: torch.dtype | None) -> None:
+    """Refuse non-floating tensors among ``names`` unless ``cast_to`` (an explicit ``--dtype``) converts them.
+
+    Every tensor of a MODUS model is floating point, so an integer or boolean tensor in a
+    checkpoint would change dtype on the way in: a damaged or foreign file, never done silently.
+    """
+    wrong = [name for name in names if not source.dtype(name).is_floating_point]
+    if wrong and cast_to is None:
+        listing = _listing(wrong, lambda n: f"{source.describe(n)} ({source.dtype(n)})")
+        raise ValueError(
+            f"refusing checkpoint {source.label}: {len(wrong)} tensor(s) are not floating point, but the model's "
+            f"are: {listing}. Converting would change their dtype; the file is damaged or not a MODUS/BAGEL "
+            "checkpoint. Pass --dtype (e.g. --dtype float32) to cast them explicitly."
+        )
+
+
+def check_finite(tensor: Tensor, what: str, fix: str) -> Tensor:
+    """``tensor`` unchanged if every value is finite; else a ValueError naming ``what``, the count and ``fix``."""
+    if tensor.is_floating_point():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(f"refusing {what}: it holds {bad} non-finite value(s) (NaN/Inf) of {tensor.numel()}; "
+                             + fix)  # fmt: skip
+    return tensor
+
+
 def check_tensors(expected: Mapping[str, torch.Size], source: TensorSource, allow_unused: bool = False) -> None:
     """Refuse ``source`` unless it holds exactly the ``expected`` names with the expected shapes.
 
@@ -440,11 +466,13 @@ def load_into(
     (``full_shape``); ``shard(param, lazy_full)`` cuts the local part (serial: all of it),
     reading only that part when the source can. Tensors of the checkpoint that no module
     holds are refused unless ``allow_unused`` (a pipeline stage loading its own layers).
-    Values are cast to each parameter's dtype. Nothing is copied unless every name and
-    shape checks out.
+    Values are cast to each parameter's dtype (floating to floating only: ``check_floating``).
+    Nothing is copied unless every name and shape checks out; a tensor holding NaN or Inf
+    is refused (``check_finite``).
     """
     targets = state_tensors(modules)
     check_tensors({name: full_shape(t) for name, t in targets.items()}, source, allow_unused)
+    check_floating(source, list(targets), cast_to=None)
     bar = tqdm(targets.items(), desc=f"load {source.label}", unit="tensor", disable=not progress)
     for name, target in bar:
         local = shard(target, source.lazy(name))
@@ -453,5 +481,5 @@ def load_into(
                 f"the shard hook cut {list(local.shape)} out of {source.describe(name)} for a local tensor of "
                 f"shape {list(target.shape)}; fix the shard / full_shape hooks"
             )
-        target.copy_(local)
+        target.copy_(check_finite(local, source.describe(name), "the checkpoint is damaged: use an intact copy"))
 

@@ -26,6 +26,15 @@ never return at all). So every rank of a multi-process run holds a ``Watchdog``:
   (``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``) would abort the process unexplained. After a
   diagnosed error the thread also ends a shutdown that hangs (NCCL's teardown with a dead
   peer can) ``timeout_s`` later.
+- Frozen peers on this host are ended. A rank whose heartbeat stopped but whose process
+  still exists (SIGSTOPped, or stuck in C code holding the GIL) ignores the SIGTERM with
+  which the launcher (deepspeed's, torchrun's agent) ends the job, and the launcher waits 30 s
+  more before its SIGKILL. So the diagnosing rank SIGKILLs the stopped ranks on its own host
+  (their host and pid are in the heartbeats) and says so in the report. The job then ends
+  within ``parallel.collective_timeout_s`` of the freeze: the stall report is out by
+  ``timeout_s - interval_s``, and the launcher notices an exited rank within a second. This
+  holds while every host keeps a live rank; a host whose every rank froze is ended by the
+  launcher's grace or the scheduler.
 
 The stall clock runs from one ``progress`` call to the next (the loop calls it when a step
 begins and after a checkpoint), so ``parallel.collective_timeout_s`` must exceed the
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -44,6 +54,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
 
 import torch.distributed as dist
@@ -110,7 +121,7 @@ def diagnose(
             continue
         who = beat.who + (" (this rank)" if rank == me else "")
         stalled_s = now - beat.progress_time
-        if rank != me and rank in first and first[rank].beat == beat.beat:
+        if _stopped_beating(rank, first, second, me):
             stopped.append(rank)
             lines.append(
                 f"{who}: STOPPED: no heartbeat for {now - beat.time:.1f} s, last at step {beat.step}; the process "
@@ -131,6 +142,44 @@ def diagnose(
     else:
         verdict = "every rank is alive and inside a collective: mismatched collectives or a network fault"
     return "\n".join([verdict, *("  " + line for line in lines)])
+
+
+def _stopped_beating(rank: int, first: dict[int, Heartbeat], second: dict[int, Heartbeat], me: int) -> bool:
+    """Whether ``rank`` (not ``me``) beat in both readings with the same counter: dead or frozen."""
+    return rank != me and rank in first and rank in second and first[rank].beat == second[rank].beat
+
+
+def end_frozen_on_host(first: dict[int, Heartbeat], second: dict[int, Heartbeat], me: int, host: str) -> list[str]:
+    """SIGKILL every rank on ``host`` that stopped beating and whose process still exists; one line per rank ended.
+
+    A frozen process cannot act on the launcher's SIGTERM, so the launcher would wait its
+    grace period (30 s) before killing it; a dead one is already gone (nothing to do).
+    """
+    ended = []
+    for rank, beat in sorted(second.items()):
+        if beat.host != host or not _stopped_beating(rank, first, second, me) or not _is_running(beat.pid):
+            continue
+        try:
+            os.kill(beat.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue  # already gone (a dead rank), or not ours to end
+        ended.append(f"{beat.who}: frozen on this host, ended with SIGKILL so that the launcher need not wait for it")
+    return ended
+
+
+def _is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (dead, not yet reaped by its launcher)."""
+    if not Path("/proc/self/stat").exists():  # no procfs: only whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state follows the parenthesised command name
 
 
 def _first_line(error: BaseException) -> str:
@@ -282,4 +331,6 @@ class Watchdog:
                 f"{dead} has most likely died; look at its log."
             )
         verdict = diagnose(first, second, self.world_size, self.rank, hung_after_s=self.settle_s)
-        return f"{head}\nWatchdog (heartbeats in the c10d store at {self.store_address}): {verdict}"
+        ended = end_frozen_on_host(first, second, self.rank, self._host)
+        report = f"{head}\nWatchdog (heartbeats in the c10d store at {self.store_address}): {verdict}"
+        return "\n".join([report, *ended])

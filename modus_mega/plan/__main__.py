@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.config import load_config, save_config
 from modus_mega.plan.calibration import DEFAULT_CALIBRATION, load_calibration
 from modus_mega.plan.report import best_breakdown, ranked_table, rejection_summary, workload_summary
@@ -50,16 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--top", type=int, default=15, help="rows of the ranked table (default: %(default)s)")
     parser.add_argument("--show-rejected", action="store_true", help="list every rejected layout with its reasons")
+    add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Plan, print the ranked table and the rejections, write the best layout."""
-    args = parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:  # bad config, calibration or options: the message names the fix
-        raise SystemExit(f"python -m modus_mega.plan: {e}") from None
+    """Plan, print the ranked table and the rejections, write the best layout.
+
+    A bad config, calibration or option prints one line and exits 2 (``modus_mega/cli.py``).
+    """
+    run_cli(lambda args: run(parse_args(args)), argv, prog="python -m modus_mega.plan")
 
 
 def run(args: argparse.Namespace) -> None:

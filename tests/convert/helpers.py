@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from modus_mega.config import ModusConfig, load_config
+from modus_mega.convert.release import ae_json_config
 from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.model.init import init_weights
 from modus_mega.model.modus import ModusModel
@@ -130,6 +131,7 @@ def write_release(
     save_file({k: v.detach().clone().contiguous() for k, v in vae.state_dict().items()}, out / "ae.safetensors")
     (out / "llm_config.json").write_text(json.dumps(bagel_llm_config(cfg)))
     (out / "vit_config.json").write_text(json.dumps(bagel_vit_config(cfg)))
+    (out / "ae_config.json").write_text(json.dumps(ae_json_config(cfg.model)))  # the tiny VAE is not FLUX's
     for name, text in TOKENIZER_FILES.items():
         (out / name).write_text(text)
     return ema

@@ -48,7 +48,7 @@ def test_refusals_exit_with_the_reason_and_write_nothing(release, tmp_path: Path
     src, _ = release
     with pytest.raises(SystemExit) as e:
         main(["to-hf", str(src), str(tmp_path / "out"), "--quiet"])
-    assert e.value.code == 1 and "use from-bagel" in capsys.readouterr().err
+    assert e.value.code == 2 and "use from-bagel" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()
     with pytest.raises(SystemExit):
         main(["from-bagel", str(src), str(tmp_path / "taken"), "--config", str(REPO / "configs" / "tiny.json")])

@@ -264,7 +264,7 @@ def test_corrupted_and_mismatched_runs_are_refused(tp_runs: Path, tmp_path: Path
     corrupt(run)
     with pytest.raises(SystemExit) as e:
         main(["to-hf", str(run), str(tmp_path / "out"), "--quiet", *(["--ema"] if case == "no ema" else [])])
-    assert e.value.code == 1
+    assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

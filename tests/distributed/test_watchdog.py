@@ -6,6 +6,7 @@ the other must exit non-zero with a report naming it:
 
     kill    rank 1 SIGKILLs itself: rank 0's next all-reduce fails (the collective-error path)
     stop    rank 1 SIGSTOPs itself and collectives never time out: rank 0's watchdog thread
+            SIGKILLs the frozen rank 1 (same host: a launcher's SIGTERM could not end it) and
             ends rank 0 from outside its stuck main thread (the stall path)
     sleep   rank 1 sleeps forever in Python, its heartbeat still going: named as hung
     store   rank 0, which serves the c10d store, SIGKILLs itself: rank 1 says so
@@ -48,10 +49,17 @@ def _launch(command: list[str], rank: int, log: Path, env: dict[str, str]) -> su
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def _finish(survivor: subprocess.Popen, others: list[subprocess.Popen]) -> int:
-    """The survivor's exit code (hang guard: HANG_GUARD_S); then every process of the run is ended."""
+def _finish(
+    survivor: subprocess.Popen, others: list[subprocess.Popen], faulty: subprocess.Popen
+) -> tuple[int, int | None]:
+    """The survivor's exit code (hang guard: HANG_GUARD_S) and the faulty rank's, if it ended by then or
+    within the guard after (None: it did not); then every process of the run is ended."""
     try:
-        return survivor.wait(timeout=HANG_GUARD_S)
+        code = survivor.wait(timeout=HANG_GUARD_S)
+        try:
+            return code, faulty.wait(timeout=HANG_GUARD_S)
+        except subprocess.TimeoutExpired:
+            return code, None
     finally:
         for process in [survivor, *others]:
             if process.poll() is None:
@@ -83,9 +91,10 @@ def outcomes(tmp_path_factory) -> dict[str, dict]:
         faulty["pretrain"] = 1
         results = {}
         for name, fault_rank in faulty.items():
-            code = _finish(runs[name][1 - fault_rank], runs[name])
+            code, fault_code = _finish(runs[name][1 - fault_rank], runs[name], runs[name][fault_rank])
             output = (root / name / f"rank{1 - fault_rank}.log").read_text()
-            results[name] = {"returncode": code, "output": output, "fault_pid": runs[name][fault_rank].pid}
+            results[name] = {"returncode": code, "output": output, "fault_pid": runs[name][fault_rank].pid,
+                             "fault_returncode": fault_code}  # fmt: skip
     return results
 
 
@@ -107,6 +116,13 @@ def test_a_frozen_rank_is_named_when_the_collective_never_returns(outcomes: dict
     assert "the main thread has made no progress" in result["output"], result["output"][-3000:]
     assert "rank(s) [1] stopped" in result["output"], result["output"][-3000:]
     assert f"{_named(1, result['fault_pid'])}: STOPPED: no heartbeat" in result["output"], result["output"][-3000:]
+    # the survivor ended the frozen rank itself: no launcher grace period is spent on it
+    assert f"{_named(1, result['fault_pid'])}: frozen on this host, ended with SIGKILL" in result["output"]
+    assert result["fault_returncode"] == -signal.SIGKILL
+
+
+def test_a_dead_rank_is_not_reported_as_ended(outcomes: dict[str, dict]) -> None:
+    assert "ended with SIGKILL" not in outcomes["kill"]["output"], outcomes["kill"]["output"][-3000:]
 
 
 def test_a_hung_rank_is_named_while_its_heartbeat_goes_on(outcomes: dict[str, dict]) -> None:
