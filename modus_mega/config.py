@@ -560,6 +560,8 @@ def _is_number(value: Any) -> bool:
 def _check_ranges(config: ModusConfig, source: str) -> None:
     """Every numeric field within its ``FIELD_RANGES`` row, fixed-length lists, non-empty strings."""
     for key, pattern, value in _numeric_values(config):
+        if pattern not in FIELD_RANGES:  # a number in a field that takes none (e.g. training.resume = 1)
+            raise ValueError(f"{source}: {key} = {value!r} is not a valid value; see the field's comment in modus_mega/config.py")
         valid = FIELD_RANGES[pattern]
         if value not in valid:
             raise ValueError(
