@@ -138,7 +138,9 @@ def concat_inputs(parts: list[ModelInputs]) -> ModelInputs:
     )  # fmt: skip
 
 
-def forward_over_caches(model: ModusModel, attention: AttentionBackend, requests: list[CachedRequest]) -> list[tuple[Tensor, Tensor]]:
+def forward_over_caches(
+    model: ModusModel, attention: AttentionBackend, requests: list[CachedRequest]
+) -> list[tuple[Tensor, Tensor]]:
     """Per request, logits [N_ce, V] and velocities [N_mse, P] of its new tokens, all run in ONE forward.
 
     Every request sees only its own cache and its own new tokens (``packed_lo_hi``), so each
@@ -167,7 +169,8 @@ def forward_over_caches(model: ModusModel, attention: AttentionBackend, requests
     for r in requests:
         if r.write:
             r.cache.runs.extend(r.runs)
-    return list(zip(logits.split([r.ce_index.numel() for r in requests]), velocity.split([r.mse_index.numel() for r in requests])))
+    logits_per_request = logits.split([r.ce_index.numel() for r in requests])
+    return list(zip(logits_per_request, velocity.split([r.mse_index.numel() for r in requests])))
 
 
 def forward_over_cache(

@@ -60,28 +60,40 @@ class SequenceRunner:
 
     @torch.no_grad()
     def flush(self, seq: Sequence) -> Tensor:
-        """Run the document's uncached tokens into the cache; logits [V] of the last one (None-safe: [0, V] if none)."""
+        """Run the document's uncached tokens into the cache; logits [1, V] of the last one if it is text, else [0, V]."""
         return self.flush_all([seq])[0]
 
     @torch.no_grad()
     def flush_all(self, seqs: list[Sequence]) -> list[Tensor]:
-        """``flush`` of several branches in one packed forward (``forward_over_caches``); logits [V] or [0, V] per branch."""
+        """``flush`` of several branches in one packed forward (``forward_over_caches``): per branch [1, V] or [0, V]."""
+        return self._flush(seqs, every_text_row=False)
+
+    @torch.no_grad()
+    def flush_scoring(self, seq: Sequence) -> Tensor:
+        """``flush`` returning the logits [T_text, V] of EVERY new text token (teacher forcing), in order."""
+        return self._flush([seq], every_text_row=True)[0]
+
+    def _flush(self, seqs: list[Sequence], every_text_row: bool) -> list[Tensor]:
+        """Run the branches' uncached tokens in one packed forward; per branch its logits ([0, V] if nothing ran)."""
         empty = torch.zeros(0, self.vocab.padded_size, device=self.device)
         pending = [s for s in seqs if s.num_cached < len(s.doc)]
-        outputs = forward_over_caches(self.model, self.attention, [self._flush_request(s) for s in pending]) if pending else []
+        requests = [self._flush_request(s, every_text_row) for s in pending]
+        outputs = forward_over_caches(self.model, self.attention, requests) if pending else []
         by_branch = {id(s): logits for s, (logits, _) in zip(pending, outputs)}
         for s in pending:
             s.num_cached, s.vit_cached, s.vae_cached = len(s.doc), len(s.doc.vit_images), len(s.doc.vae_images)
         return [by_branch.get(id(s), empty) for s in seqs]
 
-    def _flush_request(self, seq: Sequence) -> CachedRequest:
-        """The request that writes ``seq``'s uncached tokens into its cache, with logits at the last one if it is text."""
+    def _flush_request(self, seq: Sequence, every_text_row: bool) -> CachedRequest:
+        """The request that writes ``seq``'s uncached tokens into its cache, with logits at every text token
+        (``every_text_row``) or at the last token if it is text."""
         doc, start = seq.doc, seq.num_cached
         inputs = self._inputs(seq, start)
-        last = torch.tensor([len(doc) - 1 - start], device=self.device)
-        is_text = bool(inputs.token_type[-1] == TOKEN_TEXT)
+        text_rows = torch.nonzero(inputs.token_type == TOKEN_TEXT, as_tuple=True)[0]
+        if not every_text_row:
+            text_rows = text_rows[text_rows == len(doc) - 1 - start]  # the last token, if it is text
         no_rows = torch.zeros(0, dtype=torch.long, device=self.device)
-        return CachedRequest(seq.cache, inputs, _runs_after(doc.layout, start), last if is_text else no_rows, no_rows, write=True)
+        return CachedRequest(seq.cache, inputs, _runs_after(doc.layout, start), text_rows, no_rows, write=True)
 
     @torch.no_grad()
     def noisy_split_velocity(self, seq: Sequence, x_t: Tensor, t: float, grid: tuple[int, int]) -> Tensor:
