@@ -78,11 +78,16 @@ class Settings:
 
 @dataclass
 class GeneratedTarget:
-    """One finished target: 1D ``ids`` (no end token) or a 2D ``image`` [3, H, W] in [-1, 1], snapped."""
+    """One finished target: 1D ``ids`` (no end token) or a 2D ``image`` [3, H, W] in [-1, 1], snapped.
+
+    A 2D target also keeps the ``latent`` tokens [N, P] the flow produced, before VAE decoding
+    (what the model itself predicts: evaluation compares them with the encoded ground truth).
+    """
 
     name: str
     ids: list[int] | None = None
     image: Tensor | None = None
+    latent: Tensor | None = None
 
 
 @dataclass
@@ -218,7 +223,7 @@ class Generator:
         image = torch.from_numpy(np.ascontiguousarray(snap(name, decoded.numpy()))).float()
         for s in branches[:1]:  # the main branch continues with the target as a condition
             self.builder.add_condition_content(s.doc, name, None, image)
-        return GeneratedTarget(name, image=image)
+        return GeneratedTarget(name, image=image, latent=x0.float().cpu())
 
 
 def _fork(seq: Sequence) -> Sequence:
