@@ -12,6 +12,11 @@ with ``write=False`` the cache is read only (a noisy target split at every flow 
 it is never cached and no later token ever sees it). New tokens must start where a cache
 may end (``ops.mask.cache_boundaries``): a full split is appended whole, in one forward.
 
+``forward_over_caches`` runs several requests (guidance branches, candidates) in ONE forward:
+keys ``[cache 0][cache 1]...[new 0][new 1]...``, the new tokens as the query rows, each key's
+column interval clipped to its own request's new rows (``packed_lo_hi``), so requests never
+see each other. ``forward_over_cache`` is its one-request case.
+
 The full-sequence forward of the same tokens is the oracle of this path: every output of a
 cached forward equals the corresponding rows of the full forward (tests/inference).
 
@@ -153,6 +158,9 @@ def forward_over_caches(
             raise ValueError(f"the new runs {r.runs} describe {sum(n for _, n in r.runs)} tokens, the inputs {num_new}")
         if r.write and any(mode == "noise" for mode, _ in r.runs):
             raise ValueError("a noisy split is never written to the cache: run it with write=False")
+    caches = [id(r.cache) for r in requests]
+    if any(r.write and caches.count(id(r.cache)) > 1 for r in requests):
+        raise ValueError("a cache that a request writes may not appear in another request of the same forward; copy() it")
     inputs = concat_inputs([r.inputs for r in requests])
     device = inputs.token_type.device
     lo, hi = packed_lo_hi([(r.cache.runs, r.runs) for r in requests])  # [sum C_i + sum T_i]

@@ -233,3 +233,10 @@ def test_a_packed_batch_of_requests_equals_the_requests_run_one_by_one(model: Mo
             assert l1.numel() + v1.numel() > 0, family
             torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-5)
+
+
+def test_a_written_cache_cannot_appear_twice_in_one_packed_forward(model: ModusModel) -> None:
+    inputs, runs = _sequence(model, SEQUENCE[:3])
+    cache = KVCache()
+    with pytest.raises(ValueError, match="copy"):
+        forward_over_caches(model, ReferenceAttention(), [_request(inputs, runs, 0, cache, True), _request(inputs, runs, 0, cache, False)])
