@@ -18,6 +18,8 @@ ids. The unconditional branch of a target keeps the conditions named in
 ``Settings.keep_unconditional`` (default none: the marker alone); extra conditional branches
 (``Settings.branches``, one list of condition names per branch after the first) see only
 their own conditions, not earlier generated targets. Scale 1 runs no unconditional pass.
+All branches of a target step together in one packed forward (``forward_over_caches``), so
+a guided output equals the branches run one by one up to fp32 summation order.
 
 Randomness: a target's noise and its token sampling come from generators seeded by
 (seed, target index), so the same seed gives bit-identical outputs and a target's output does
@@ -76,11 +78,16 @@ class Settings:
 
 @dataclass
 class GeneratedTarget:
-    """One finished target: 1D ``ids`` (no end token) or a 2D ``image`` [3, H, W] in [-1, 1], snapped."""
+    """One finished target: 1D ``ids`` (no end token) or a 2D ``image`` [3, H, W] in [-1, 1], snapped.
+
+    A 2D target also keeps the ``latent`` tokens [N, P] the flow produced, before VAE decoding
+    (what the model itself predicts: evaluation compares them with the encoded ground truth).
+    """
 
     name: str
     ids: list[int] | None = None
     image: Tensor | None = None
+    latent: Tensor | None = None
 
 
 @dataclass
@@ -120,6 +127,7 @@ class Generator:
         for name in targets:
             modality(name)  # unknown names fail here with the list of valid ones
         main = self._sequence(conditions, order)
+        self.runner.flush(main)
         outputs: list[GeneratedTarget] = []
         for index, name in enumerate(targets):
             seq = main if settings.chain else _fork(main)
@@ -137,13 +145,11 @@ class Generator:
         return Generation(outputs, main.doc)
 
     def _sequence(self, conditions: Sample, order: list[str]) -> Sequence:
-        """A fresh branch whose document holds ``order``'s conditions, run into its cache."""
+        """A fresh branch whose document holds ``order``'s conditions (not yet run: the next packed flush runs it)."""
         doc = Document(key=conditions.key, target="")
         for name in order:
             self.builder.add_condition(doc, conditions, name)
-        seq = Sequence(doc)
-        self.runner.flush(seq)
-        return seq
+        return Sequence(doc)
 
     # ------------------------------------------------------------------ 1D
 
@@ -156,7 +162,7 @@ class Generator:
         every = branches + ([unconditional] if unconditional else [])
         ids: list[int] = []
         while True:
-            logits = [self.runner.flush(s)[-1].float().cpu() for s in every]  # [V] per branch
+            logits = [out[-1].float().cpu() for out in self.runner.flush_all(every)]  # [V] per branch, one forward
             uncond = logits[len(branches)] if unconditional else None
             guided = guide(logits[: len(branches)], uncond, settings.guidance)
             token = sample_token(guided, grammar.allowed(ids), settings.sampling, generator)
@@ -200,16 +206,15 @@ class Generator:
             )
         grid = (height // cell, width // cell)
         every = branches + ([unconditional] if unconditional else [])
-        for s in every:
-            self.runner.flush(s)
+        self.runner.flush_all(every)
         generator = torch.Generator().manual_seed(derive_seed("generate-noise", settings.seed, index))
         noise = torch.randn(grid[0] * grid[1], cfg.patch_latent_dim, generator=generator).to(self.runner.device)
 
         def velocity(x_t: Tensor, t: float) -> Tensor:
             active = settings.guidance.active_at(t)
-            conds = [self.runner.noisy_split_velocity(s, x_t, t, grid).float() for s in branches]
-            uncond = self.runner.noisy_split_velocity(unconditional, x_t, t, grid).float() if active and unconditional else None
-            return guide(conds, uncond, settings.guidance, t)
+            run = branches + ([unconditional] if active and unconditional else [])
+            outs = [v.float() for v in self.runner.noisy_split_velocities(run, x_t, t, grid)]  # one packed forward
+            return guide(outs[: len(branches)], outs[len(branches)] if len(run) > len(branches) else None, settings.guidance, t)
 
         x0 = integrate_flow(velocity, noise, settings.steps, settings.shift, settings.solver)  # [N, P]
         latent = unpatchify_latents(x0, *grid, cfg.latent_patch_size, cfg.vae.latent_channels)
@@ -218,7 +223,7 @@ class Generator:
         image = torch.from_numpy(np.ascontiguousarray(snap(name, decoded.numpy()))).float()
         for s in branches[:1]:  # the main branch continues with the target as a condition
             self.builder.add_condition_content(s.doc, name, None, image)
-        return GeneratedTarget(name, image=image)
+        return GeneratedTarget(name, image=image, latent=x0.float().cpu())
 
 
 def _fork(seq: Sequence) -> Sequence:

@@ -6,7 +6,8 @@ target with ``add_condition_content``), so generation lays tokens out exactly as
 does: the same ids, expert routing, position ids and attention runs. ``flush`` runs the
 tokens added since the last flush over the cache (``forward_over_cache`` with ``write=True``)
 and returns their outputs; a noisy target split is never added to the document: it is run
-read-only by ``noisy_split_velocity`` at every flow step.
+read-only by ``noisy_split_velocity`` at every flow step. The ``*_all`` / ``*_velocities``
+forms run several branches (guidance, best-of-N candidates) packed in one forward.
 
 Clean VAE splits are encoded with the posterior MEAN (deterministic generation); training
 samples the posterior when ``model.vae.sample_posterior`` is set.
@@ -25,7 +26,7 @@ from modus_mega.config import ModelConfig
 from modus_mega.data.documents import Document
 from modus_mega.encoders.vae import FluxAutoEncoder, latent_position_ids, patchify_latents
 from modus_mega.encoders.vit import patchify_image, vit_position_ids
-from modus_mega.inference.kv_cache import KVCache, Run, forward_over_cache
+from modus_mega.inference.kv_cache import CachedRequest, KVCache, Run, forward_over_caches
 from modus_mega.model.inputs import TOKEN_TEXT, TOKEN_VAE, ModelInputs
 from modus_mega.model.modus import ModusModel
 from modus_mega.ops.attention import AttentionBackend
@@ -59,49 +60,73 @@ class SequenceRunner:
 
     @torch.no_grad()
     def flush(self, seq: Sequence) -> Tensor:
-        """Run the document's uncached tokens into the cache; logits [V] of the last one (None-safe: [0, V] if none)."""
+        """Run the document's uncached tokens into the cache; logits [1, V] of the last one if it is text, else [0, V]."""
+        return self.flush_all([seq])[0]
+
+    @torch.no_grad()
+    def flush_all(self, seqs: list[Sequence]) -> list[Tensor]:
+        """``flush`` of several branches in one packed forward (``forward_over_caches``): per branch [1, V] or [0, V]."""
+        return self._flush(seqs, every_text_row=False)
+
+    @torch.no_grad()
+    def flush_scoring(self, seq: Sequence) -> Tensor:
+        """``flush`` returning the logits [T_text, V] of EVERY new text token (teacher forcing), in order."""
+        return self._flush([seq], every_text_row=True)[0]
+
+    def _flush(self, seqs: list[Sequence], every_text_row: bool) -> list[Tensor]:
+        """Run the branches' uncached tokens in one packed forward; per branch its logits ([0, V] if nothing ran)."""
+        empty = torch.zeros(0, self.vocab.padded_size, device=self.device)
+        pending = [s for s in seqs if s.num_cached < len(s.doc)]
+        requests = [self._flush_request(s, every_text_row) for s in pending]
+        outputs = forward_over_caches(self.model, self.attention, requests) if pending else []
+        by_branch = {id(s): logits for s, (logits, _) in zip(pending, outputs)}
+        for s in pending:
+            s.num_cached, s.vit_cached, s.vae_cached = len(s.doc), len(s.doc.vit_images), len(s.doc.vae_images)
+        return [by_branch.get(id(s), empty) for s in seqs]
+
+    def _flush_request(self, seq: Sequence, every_text_row: bool) -> CachedRequest:
+        """The request that writes ``seq``'s uncached tokens into its cache, with logits at every text token
+        (``every_text_row``) or at the last token if it is text."""
         doc, start = seq.doc, seq.num_cached
-        if start == len(doc):
-            return torch.zeros(0, self.vocab.padded_size, device=self.device)
         inputs = self._inputs(seq, start)
-        runs = _runs_after(doc.layout, start)
-        last = torch.tensor([len(doc) - 1 - start], device=self.device)
-        is_text = bool(inputs.token_type[-1] == TOKEN_TEXT)
-        logits, _ = forward_over_cache(
-            self.model, self.attention, seq.cache, inputs, runs, last if is_text else last[:0],
-            torch.zeros(0, dtype=torch.long, device=self.device), write=True,
-        )  # fmt: skip
-        seq.num_cached, seq.vit_cached, seq.vae_cached = len(doc), len(doc.vit_images), len(doc.vae_images)
-        return logits
+        text_rows = torch.nonzero(inputs.token_type == TOKEN_TEXT, as_tuple=True)[0]
+        if not every_text_row:
+            text_rows = text_rows[text_rows == len(doc) - 1 - start]  # the last token, if it is text
+        no_rows = torch.zeros(0, dtype=torch.long, device=self.device)
+        return CachedRequest(seq.cache, inputs, _runs_after(doc.layout, start), text_rows, no_rows, write=True)
 
     @torch.no_grad()
     def noisy_split_velocity(self, seq: Sequence, x_t: Tensor, t: float, grid: tuple[int, int]) -> Tensor:
-        """Velocity [N, P] of a noisy split of ``x_t`` [N, P] at flow time ``t``, run after the cached context.
+        """Velocity [N, P] of a noisy split of ``x_t`` [N, P] at flow time ``t``, run after the cached context."""
+        return self.noisy_split_velocities([seq], x_t, t, grid)[0]
 
-        The split (its two markers included) takes the position id the document would give it
-        (a noisy split does not advance the counter) and is never written to the cache.
+    @torch.no_grad()
+    def noisy_split_velocities(self, seqs: list[Sequence], x_t: Tensor, t: float, grid: tuple[int, int]) -> list[Tensor]:
+        """Velocity [N, P] per branch of the same noisy split ``x_t`` [N, P] at flow time ``t``, in one packed forward.
+
+        The split (its two markers included) takes the position id each branch's document
+        would give it (a noisy split does not advance the counter) and is never written to a cache.
         """
-        assert seq.num_cached == len(seq.doc), "flush the sequence before running a noisy split over it"
+        assert all(s.num_cached == len(s.doc) for s in seqs), "flush the sequences before running a noisy split over them"
         n = x_t.shape[0]
         device = self.device
-        position = seq.doc.next_position
-        inputs = ModelInputs(
-            input_ids=torch.tensor([self.vocab.vision_start_id] + [0] * n + [self.vocab.vision_end_id], device=device),
-            token_type=torch.tensor([TOKEN_TEXT] + [TOKEN_VAE] * n + [TOKEN_TEXT], device=device),
-            position_ids=torch.full((n + 2,), position, device=device),
-            attn_lo=torch.zeros(0, dtype=torch.int32), attn_hi=torch.zeros(0, dtype=torch.int32),  # from the runs
-            vit_patches=torch.zeros(0, self.cfg.vit.patch_size**2 * self.cfg.vit.num_channels, device=device),
-            vit_position_ids=torch.zeros(0, dtype=torch.long, device=device),
-            vit_cu_seqlens=torch.zeros(1, dtype=torch.int32, device=device),
-            vae_tokens=x_t,
-            vae_timesteps=torch.full((n,), t, dtype=torch.float32, device=device),
-            vae_position_ids=latent_position_ids(*grid, self.cfg.max_latent_size).to(device),
-        )  # fmt: skip
-        _, velocity = forward_over_cache(
-            self.model, self.attention, seq.cache, inputs, [("noise", n + 2)],
-            torch.zeros(0, dtype=torch.long, device=device), torch.arange(1, n + 1, device=device), write=False,
-        )  # fmt: skip
-        return velocity
+        rows = torch.arange(1, n + 1, device=device)
+        requests = []
+        for seq in seqs:
+            inputs = ModelInputs(
+                input_ids=torch.tensor([self.vocab.vision_start_id] + [0] * n + [self.vocab.vision_end_id], device=device),
+                token_type=torch.tensor([TOKEN_TEXT] + [TOKEN_VAE] * n + [TOKEN_TEXT], device=device),
+                position_ids=torch.full((n + 2,), seq.doc.next_position, device=device),
+                attn_lo=torch.zeros(0, dtype=torch.int32), attn_hi=torch.zeros(0, dtype=torch.int32),  # from the runs
+                vit_patches=torch.zeros(0, self.cfg.vit.patch_size**2 * self.cfg.vit.num_channels, device=device),
+                vit_position_ids=torch.zeros(0, dtype=torch.long, device=device),
+                vit_cu_seqlens=torch.zeros(1, dtype=torch.int32, device=device),
+                vae_tokens=x_t,
+                vae_timesteps=torch.full((n,), t, dtype=torch.float32, device=device),
+                vae_position_ids=latent_position_ids(*grid, self.cfg.max_latent_size).to(device),
+            )  # fmt: skip
+            requests.append(CachedRequest(seq.cache, inputs, [("noise", n + 2)], rows[:0], rows, write=False))
+        return [velocity for _, velocity in forward_over_caches(self.model, self.attention, requests)]
 
     def _inputs(self, seq: Sequence, start: int) -> ModelInputs:
         """Model inputs of the document's tokens [start:], with the images added since the last flush."""

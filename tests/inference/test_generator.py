@@ -64,11 +64,13 @@ def test_same_seed_same_outputs_and_guidance_identities(generator: Generator, sa
     first = generator.generate(sample, ["rgb"], ["caption", "depth"], settings).targets
     again = generator.generate(sample, ["rgb"], ["caption", "depth"], settings).targets
     assert first[0].ids == again[0].ids and torch.equal(first[1].image, again[1].image)
-    # An unconditional branch that keeps every condition is the conditional branch: any scale gives the same output.
+    # An unconditional branch that keeps every condition is the conditional branch: any scale gives the same output
+    # (up to fp32 summation order: the branches run packed in one forward, the unguided branch alone).
     same = Settings(**FAST, sampling=TokenSampling(temperature=1.0), seed=5, keep_unconditional=("rgb",),
                     guidance=GuidanceConfig(scales=(4.0,)))  # fmt: skip
     guided = generator.generate(sample, ["rgb"], ["caption", "depth"], same).targets
-    assert guided[0].ids == first[0].ids and torch.equal(guided[1].image, first[1].image)
+    assert guided[0].ids == first[0].ids
+    torch.testing.assert_close(guided[1].image, first[1].image, rtol=1e-5, atol=1e-5)
     other_seed = generator.generate(sample, ["rgb"], ["depth"], Settings(**FAST, seed=6)).targets
     assert not torch.equal(other_seed[0].image, first[1].image)
 

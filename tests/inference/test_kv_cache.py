@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from modus_mega.inference.kv_cache import KVCache, Run, forward_over_cache
+from modus_mega.inference.kv_cache import CachedRequest, KVCache, Run, forward_over_cache, forward_over_caches
 from modus_mega.model.init import init_weights
 from modus_mega.model.inputs import TOKEN_TEXT, TOKEN_VAE, TOKEN_VIT, ModelInputs
 from modus_mega.model.modus import ModusModel
@@ -182,3 +182,61 @@ def test_a_noisy_split_cannot_be_written(model: ModusModel) -> None:
     with pytest.raises(ValueError, match="never written"):
         forward_over_cache(model, ReferenceAttention(), KVCache(), inputs, runs, torch.zeros(0, dtype=torch.long),
                            torch.zeros(0, dtype=torch.long), write=True)  # fmt: skip
+
+
+def _request(inputs: ModelInputs, runs: list[Run], start: int, cache: KVCache, write: bool) -> CachedRequest:
+    """The tokens of ``inputs`` from ``start`` on (the runs from that run on) as a request over ``cache``."""
+    first = next(i for i in range(len(runs) + 1) if sum(n for _, n in runs[:i]) == start)
+    new = _slice(inputs, start, inputs.token_type.numel())
+    ce = torch.nonzero(new.token_type == TOKEN_TEXT, as_tuple=True)[0]
+    mse = torch.nonzero(new.token_type == TOKEN_VAE, as_tuple=True)[0]
+    return CachedRequest(cache, new, runs[first:], ce, mse, write)
+
+
+def test_a_packed_batch_of_requests_equals_the_requests_run_one_by_one(model: ModusModel) -> None:
+    """Two requests with contexts of different lengths: their prefill, a 1D step (one and two new tokens) and a
+    2D flow step run packed in one forward equal the same requests run alone (fp32 summation order: 1e-5)."""
+    context_a = SEQUENCE[:-1]  # 25 tokens
+    context_b = [Segment("causal", TOKEN_TEXT, 3), Segment("full", TOKEN_VAE, 6), Segment("causal", TOKEN_TEXT, 1)]
+    steps = {
+        "1d": ([Segment("causal", TOKEN_TEXT, 1)], [Segment("causal", TOKEN_TEXT, 2)], True),
+        "2d": ([Segment("noise", TOKEN_VAE, 6)], [Segment("noise", TOKEN_VAE, 6)], False),
+    }
+    alone = {"a": KVCache(), "b": KVCache()}
+    packed = {"a": KVCache(), "b": KVCache()}
+    sequences = {"a": _sequence(model, context_a, seed=1), "b": _sequence(model, context_b, seed=2)}
+    with torch.no_grad():
+        prefill_alone = [forward_over_caches(model, ReferenceAttention(), [_request(*sequences[n], 0, alone[n], True)])[0] for n in "ab"]
+        prefill = forward_over_caches(model, ReferenceAttention(), [_request(*sequences[n], 0, packed[n], True) for n in "ab"])
+    assert [logits.shape[0] for logits, _ in prefill] == [11, 6]  # every text-type token of each context
+    for name, (logits, _), (expected, _) in zip("ab", prefill, prefill_alone):
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        assert packed[name].runs == alone[name].runs
+        for layer, (k, v) in alone[name].layers.items():
+            torch.testing.assert_close(packed[name].layers[layer][0], k, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(packed[name].layers[layer][1], v, rtol=1e-5, atol=1e-5)
+    for family, (new_a, new_b, write) in steps.items():
+        requests = {
+            "a": _sequence(model, context_a + new_a, seed=3),
+            "b": _sequence(model, context_b + new_b, seed=4),
+        }
+        starts = {"a": sum(s.length for s in context_a), "b": sum(s.length for s in context_b)}
+        with torch.no_grad():
+            one_by_one = [
+                forward_over_caches(model, ReferenceAttention(), [_request(*requests[n], starts[n], alone[n].copy(), write)])[0]
+                for n in "ab"
+            ]  # fmt: skip
+            together = forward_over_caches(
+                model, ReferenceAttention(), [_request(*requests[n], starts[n], packed[n].copy(), write) for n in "ab"]
+            )
+        for (l1, v1), (l2, v2) in zip(one_by_one, together):
+            assert l1.numel() + v1.numel() > 0, family
+            torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-5)
+
+
+def test_a_written_cache_cannot_appear_twice_in_one_packed_forward(model: ModusModel) -> None:
+    inputs, runs = _sequence(model, SEQUENCE[:3])
+    cache = KVCache()
+    with pytest.raises(ValueError, match="copy"):
+        forward_over_caches(model, ReferenceAttention(), [_request(inputs, runs, 0, cache, True), _request(inputs, runs, 0, cache, False)])
