@@ -20,7 +20,7 @@ from modus_mega.convert.bagel import (
     save_bagel,
     write_bagel,
 )
-from modus_mega.convert.hf import load_pretrained, open_hf, read_hf_config, save_pretrained, write_hf
+from modus_mega.convert.hf import load_model, load_pretrained, open_hf, read_hf_config, save_pretrained, write_hf
 from modus_mega.convert.keymap import bagel_to_ours, ours_to_bagel
 from modus_mega.convert.source import (
     ModuleSource,
@@ -45,6 +45,7 @@ __all__ = [
     "import_bagel",
     "load_bagel_into",
     "load_into",
+    "load_model",
     "load_pretrained",
     "open_hf",
     "ours_to_bagel",

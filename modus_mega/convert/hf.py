@@ -185,17 +185,33 @@ def load_pretrained(
     with_vae: bool = True,
     progress: bool = False,
 ) -> tuple[ModusModel, FluxAutoEncoder | None]:
-    """Build the model (and VAE) of the checkpoint in ``hf_dir`` and load its weights.
+    """Build the model (and VAE) of the checkpoint in ``hf_dir`` and load its weights (``load_model``).
 
-    The modules are built on the meta device, moved to ``device`` (in ``dtype`` if
-    given) without initialisation, and then every tensor is loaded (a strict load: every
-    tensor present, nothing extra, every shape right). Both are returned in eval mode,
-    the VAE frozen; the VAE is None when the checkpoint has none or ``with_vae`` is False.
+    The VAE is None when the checkpoint has none or ``with_vae`` is False.
     """
     cfg, config = read_hf_config(hf_dir)
+    with open_hf(hf_dir) as source:
+        return load_model(cfg, source, with_vae and config.has_vae, device, dtype, progress)
+
+
+def load_model(
+    cfg: ModelConfig,
+    source: TensorSource,
+    with_vae: bool,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> tuple[ModusModel, FluxAutoEncoder | None]:
+    """Build the serial (tp = 1) model of ``cfg`` (and its VAE if ``with_vae``) and load ``source``'s tensors.
+
+    The modules are built on the meta device, moved to ``device`` (in ``dtype`` if given)
+    without initialisation, and then every tensor is loaded (a strict load: every tensor
+    present, nothing extra, every shape right; the VAE's are ignored without ``with_vae``).
+    Both are returned in eval mode, the VAE frozen.
+    """
     with torch.device("meta"):
         model = ModusModel(cfg)
-        vae = FluxAutoEncoder(cfg.vae) if with_vae and config.has_vae else None
+        vae = FluxAutoEncoder(cfg.vae) if with_vae else None
     modules: dict[str, nn.Module] = {"": model}
     if vae is not None:
         modules[VAE_PREFIX] = vae
@@ -205,8 +221,7 @@ def load_pretrained(
         module.to_empty(device=device)
     if cfg.llm.tie_word_embeddings:  # to_empty gives every parameter its own storage; restore the tie
         model.lm_head.weight = model.embed_tokens.weight
-    with open_hf(hf_dir) as source:
-        load_into(modules, FilteredSource(source, lambda n: vae is not None or not is_vae_name(n)), progress=progress)
+    load_into(modules, FilteredSource(source, lambda n: vae is not None or not is_vae_name(n)), progress=progress)
     model.eval()
     if vae is not None:
         vae.eval().requires_grad_(False)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from modus_mega.config import DataConfig, ModelConfig, TimestepConfig
 from modus_mega.data.documents import Document, DocumentBuilder, Sample
@@ -100,6 +101,7 @@ class Generator:
     attention: AttentionBackend
     data: DataConfig  # the run's data config: how 2D conditions enter (condition_mode_2d)
     quantizers: dict[str, FeatureQuantizer] = field(default_factory=dict)  # for feature targets
+    show_progress: bool = False  # a progress bar per target (tokens, or flow-model evaluations)
 
     def __post_init__(self) -> None:
         cfg: ModelConfig = self.model.cfg
@@ -155,14 +157,17 @@ class Generator:
         generator = torch.Generator().manual_seed(derive_seed("generate-tokens", settings.seed, index))
         every = branches + ([unconditional] if unconditional else [])
         ids: list[int] = []
+        bar = tqdm(desc=name, unit="tok", disable=not self.show_progress, leave=False)
         while True:
             logits = [self.runner.flush(s)[-1].float().cpu() for s in every]  # [V] per branch
             uncond = logits[len(branches)] if unconditional else None
             guided = guide(logits[: len(branches)], uncond, settings.guidance)
             token = sample_token(guided, grammar.allowed(ids), settings.sampling, generator)
             if token == self.vocab.end_of_segment_id:
+                bar.close()
                 return GeneratedTarget(name, ids=ids)
             ids.append(token)
+            bar.update()
             for s in every:
                 self.builder.add_condition_content(s.doc, name, [token], None)
 
@@ -204,14 +209,18 @@ class Generator:
             self.runner.flush(s)
         generator = torch.Generator().manual_seed(derive_seed("generate-noise", settings.seed, index))
         noise = torch.randn(grid[0] * grid[1], cfg.patch_latent_dim, generator=generator).to(self.runner.device)
+        evaluations = settings.steps if settings.solver == "euler" else 2 * settings.steps - 1
+        bar = tqdm(total=evaluations, desc=name, unit="eval", disable=not self.show_progress, leave=False)
 
         def velocity(x_t: Tensor, t: float) -> Tensor:
+            bar.update()
             active = settings.guidance.active_at(t)
             conds = [self.runner.noisy_split_velocity(s, x_t, t, grid).float() for s in branches]
             uncond = self.runner.noisy_split_velocity(unconditional, x_t, t, grid).float() if active and unconditional else None
             return guide(conds, uncond, settings.guidance, t)
 
         x0 = integrate_flow(velocity, noise, settings.steps, settings.shift, settings.solver)  # [N, P]
+        bar.close()
         latent = unpatchify_latents(x0, *grid, cfg.latent_patch_size, cfg.vae.latent_channels)
         with torch.no_grad():
             decoded = self.vae.decode(latent[None])[0].clamp(-1, 1).float().cpu()  # [3, H, W]
