@@ -196,6 +196,7 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 1  # steps between log lines
     checkpoint_every: int = 0  # steps between checkpoints in run_dir/checkpoints; 0: only at the end and on SIGTERM/SIGUSR1
+    sample_every: int = 0  # >= 0 steps between held-out samples (run_dir/samples/step_*.png, wandb; tp = pp = 1); 0: off
     resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
     run_dir: str = "runs/default"  # outputs: resolved config, metrics.jsonl, loss curve
     ema_decay: float = 0.0  # fp32 EMA of the trainable weights, saved in checkpoints; 0 disables (BAGEL: 0.9999)
@@ -501,6 +502,8 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("training.peak_tflops", "must be 0 (no MFU) or the accelerator's peak TFLOP/s, e.g. 989 for an H100 SXM at bf16")
     if config.training.checkpoint_every < 0:
         fail("training.checkpoint_every", "must be 0 (no periodic checkpoints) or a positive step count")
+    if training.sample_every < 0:
+        fail("training.sample_every", "must be 0 (no samples during training) or a positive step count")
     if config.training.grad_accum_steps < 1:
         fail("training.grad_accum_steps", "must be at least 1")
     if config.training.timesteps.shift <= 0:
