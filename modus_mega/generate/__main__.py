@@ -8,7 +8,8 @@ directory (``--ema``: its EMA weights), checks the request against it before rea
 weight, generates each target with a progress bar, and writes the files of
 ``inference/outputs.py`` and ``contact_sheet.png`` into ``--out``. A refused request prints
 ONE line ``python -m modus_mega.generate: error: ...`` and exits with status 2, as argparse
-does for a bad flag.
+does for a bad flag. ``--held-out`` generates a training run's held-out scenes
+(``training/samples.py``) instead, one row each with its ground truth (``make demo`` ends so).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from modus_mega.inference.guidance import GuidanceConfig
 from modus_mega.inference.outputs import OutputContext, Request, write_contact_sheet, write_request
 from modus_mega.inference.pictures import DEFAULT_FOV_DEGREES
 from modus_mega.inference.token_sampling import TokenSampling
+from modus_mega.modalities import feature_modalities
 from modus_mega.ops.attention import get_attention_backend
 from modus_mega.tokenizers import ModalityTokenizers
 from modus_mega.tokenizers.vq import FeatureQuantizer, load_quantizers
-from modus_mega.modalities import feature_modalities
+from modus_mega.training.samples import held_out_requests
 from modus_mega.vocab import build_vocabulary
 
 PROG = "python -m modus_mega.generate"
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cond", action="append", default=[], metavar="NAME=VALUE",
                    help="a condition: a 2D modality's file (rgb=img.png, depth=d.png), caption=\"text\", or a 1D file")
     p.add_argument("--target", action="append", default=[], metavar="NAME", help="a modality to generate (repeat for several)")
+    p.add_argument("--held-out", action="store_true",
+                   help="instead of --cond / --target: a training run's held-out scenes (training/samples.py), ground truth shown")
     p.add_argument("--chain", action="store_true", help="each finished target becomes a condition of the next")
     p.add_argument("--best-of", type=int, default=1, metavar="N", help="candidates per target, scored by self-verification")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
@@ -82,15 +86,12 @@ def _tokenizers(files: CheckpointFiles, args: argparse.Namespace) -> tuple[Modal
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Check, load, generate and write one request; returns the contact sheet's path."""
+    """Check, load, generate and write the request(s); returns the contact sheet's path."""
     if args.best_of != 1:
         raise ValueError("--best-of > 1 needs self-verification (inference/verification.py), which this build lacks; use --best-of 1")
-    size = (args.size, args.size)
     files = locate(args.ckpt, args.ema)
     tokenizers, quantizers = _tokenizers(files, args)
-    conditions, order = read_conditions(args.cond, size, tokenizers)
-    check_targets(args.target, tokenizers is not None, quantizers, files.has_vae, order, args.expression)
-    expressions = {n: tokenizers.text.encode(args.expression) for n in args.target if n == "grounding"} if tokenizers else {}
+    requests, size = _held_out(files, args) if args.held_out else _requested(files, args, tokenizers, quantizers)
     settings = Settings(
         image_size=size, steps=args.steps, shift=args.shift, guidance=GuidanceConfig(scales=(args.guidance,)),
         sampling=TokenSampling(temperature=args.temperature), chain=args.chain, seed=args.seed,
@@ -103,11 +104,37 @@ def run(args: argparse.Namespace) -> Path:
     model, vae = load(files, device)
     attention = get_attention_backend(files.model.attention_backend, device, head_dim=files.model.llm.head_dim, dtype=torch.float32)
     generator = Generator(model, vae, attention, data, quantizers, show_progress=not args.quiet)  # type: ignore[arg-type]
-    generation = generator.generate(conditions, order, args.target, settings, expressions)
-    request = Request(conditions, order, args.target, expressions)
     ctx = OutputContext(tokenizers, size, settings.feature_grid, args.fov)
-    row = write_request(args.out, request, generation.targets, ctx)
-    return write_contact_sheet(args.out / CONTACT_SHEET, [row])
+    rows = []
+    for request in requests:
+        generation = generator.generate(request.conditions, request.order, request.targets, settings, request.expressions)
+        out = args.out if len(requests) == 1 else args.out / request.conditions.key
+        rows.append(write_request(out, request, generation.targets, ctx))
+    return write_contact_sheet(args.out / CONTACT_SHEET, rows)
+
+
+def _requested(
+    files: CheckpointFiles, args: argparse.Namespace, tokenizers: ModalityTokenizers | None,
+    quantizers: dict[str, FeatureQuantizer],
+) -> tuple[list[Request], tuple[int, int]]:  # fmt: skip
+    """The one request of ``--cond`` / ``--target``, checked against the checkpoint, and the generation size."""
+    size = (args.size, args.size)
+    conditions, order = read_conditions(args.cond, size, tokenizers)
+    check_targets(args.target, tokenizers is not None, quantizers, files.has_vae, order, args.expression)
+    expressions = {n: tokenizers.text.encode(args.expression) for n in args.target if n == "grounding"} if tokenizers else {}
+    return [Request(conditions, order, args.target, expressions)], size
+
+
+def _held_out(files: CheckpointFiles, args: argparse.Namespace) -> tuple[list[Request], tuple[int, int]]:
+    """A training run's held-out requests (with their ground truth) and its image size."""
+    if files.run is None:
+        raise ValueError(f"--held-out needs a training run directory (its data config), but {args.ckpt} is an hf-layout checkpoint")
+    if args.cond or args.target:
+        raise ValueError("--held-out brings its own conditions and targets; drop --cond / --target")
+    requests = held_out_requests(files.run)
+    if not requests:
+        raise ValueError(f"{args.ckpt} trains no 2D target its held-out scenes have; use --cond / --target")
+    return requests, (files.run.data.image_size, files.run.data.image_size)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,27 +9,46 @@ import pytest
 import torch
 from PIL import Image
 
-from modus_mega.config import ModusConfig, validate
+from modus_mega.config import ModusConfig, load_config, validate
+from modus_mega.generate.__main__ import CONTACT_SHEET, main
 from modus_mega.data.procedural import procedural_sample
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.training.loop import train
 from modus_mega.training.samples import NUM_SCENES, SAMPLES_DIR, held_out_requests
 
 
-def test_a_tiny_run_writes_its_samples_when_due(tiny_config: ModusConfig, tmp_path: Path) -> None:
-    cfg = copy.deepcopy(tiny_config)
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-step tiny run (with an EMA) sampling every 2 steps."""
+    from tests.conftest import _TINY
+
+    path = tmp_path_factory.mktemp("samples_run")
+    cfg = copy.deepcopy(_TINY)
     cfg.training.steps, cfg.training.sample_every, cfg.training.ema_decay = 3, 2, 0.9
-    cfg.training.run_dir, cfg.training.wandb_mode = str(tmp_path), "disabled"
+    cfg.training.run_dir, cfg.training.wandb_mode = str(path), "disabled"
     cfg.data.token_budget, cfg.data.image_size = 256, 32
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
         train(cfg, ctx)
     finally:
         ctx.close()
-    written = sorted(p.name for p in (tmp_path / SAMPLES_DIR).glob("*.png"))
+    return path
+
+
+def test_a_tiny_run_writes_its_samples_when_due(run_dir: Path) -> None:
+    written = sorted(p.name for p in (run_dir / SAMPLES_DIR).glob("*.png"))
     assert written == ["step_00000002.png"]
-    sheet = Image.open(tmp_path / SAMPLES_DIR / written[0])
+    sheet = Image.open(run_dir / SAMPLES_DIR / written[0])
     assert sheet.size[1] > NUM_SCENES * 160  # one row per held-out scene
+
+
+def test_generate_reads_the_run_and_draws_its_held_out_scenes(run_dir: Path, tmp_path: Path) -> None:
+    """``python -m modus_mega.generate --held-out --ema`` on the run directory (seeded VAE, EMA weights)."""
+    main(["--ckpt", str(run_dir), "--ema", "--held-out", "--steps", "2", "--quiet", "--out", str(tmp_path)])
+    requests = held_out_requests(load_config(run_dir / "config.json"))
+    for request in requests:
+        assert Image.open(tmp_path / request.conditions.key / "rgb.png").size == (32, 32)
+    assert Image.open(tmp_path / CONTACT_SHEET).size[1] > NUM_SCENES * 160
 
 
 def test_held_out_scenes_are_not_training_scenes(tiny_config: ModusConfig) -> None:
