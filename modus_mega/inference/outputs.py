@@ -7,8 +7,9 @@ Per target modality ``m`` in the request's output directory:
   cloud through a pinhole camera of ``DEFAULT_FOV_DEGREES`` horizontal field of view
   (``inference/pictures.py``) whose per-image normalised log-depth is read back with the
   nominal range ``DEPTH_RANGE_M`` (generated depth has no metric scale), coloured by the rgb
-  (generated, else the condition) when there is one; pixels at the far end (+1: sky,
-  invalid) are left out;
+  (generated, else the condition) when there is one; pixels at the far end (+1: sky and
+  invalid pixels, and the farthest valid depth, which the per-image normalisation maps there
+  too) are left out;
 - captions: ``m.txt``;
 - detection / grounding: ``m.png``, the boxes drawn on the generated rgb (else the rgb
   condition, else the first 2D condition, else a grey canvas), and ``m.json`` with the boxes
@@ -45,6 +46,7 @@ DEPTH_RANGE_M = (1.0, 10.0)  # (near, far) metres given to a generated depth map
 _FAR_END = 0.999  # depth images at or above this are the far end (sky / invalid), left out of the cloud
 _BACKDROPS = ("rgb",)  # 2D modalities preferred as the canvas of boxes, in order
 _POINT_CLOUDS = ("depth",)  # 2D modalities also written as a .ply point cloud
+SheetRow = list[tuple[str, np.ndarray]]  # one request's labelled pictures on a contact sheet, uint8 [H, W, 3] each
 
 
 @dataclass
@@ -121,7 +123,7 @@ def _images_of(sample: Sample) -> dict[str, np.ndarray]:
     return {name: image.float().numpy() for name, image in sample.images.items()}
 
 
-def write_request(out_dir: Path, request: Request, targets: list[GeneratedTarget], ctx: OutputContext) -> list[tuple[str, np.ndarray]]:
+def write_request(out_dir: Path, request: Request, targets: list[GeneratedTarget], ctx: OutputContext) -> SheetRow:
     """Write ``targets`` of ``request`` into ``out_dir`` (see the module docstring); returns its contact-sheet row."""
     out_dir.mkdir(parents=True, exist_ok=True)
     conditions = _images_of(request.conditions)
@@ -154,7 +156,7 @@ def _write_target(
 ) -> None:  # fmt: skip
     """The files of one generated target (the module docstring lists them)."""
     kind = modality(name).kind
-    if image is not None or isinstance(payload, (Detections, Groundings)) or kind == "feature_local":
+    if image is not None or isinstance(payload, (Detections, Groundings)) or (kind == "feature_local" and payload is not None):
         Image.fromarray(_readable(view, ctx.size)).save(out_dir / f"{name}.png")
     if name in _POINT_CLOUDS and image is not None:
         depth = np.where(image.mean(0) < _FAR_END, image_to_depth(image, *DEPTH_RANGE_M), 0.0)  # [H, W], 0 = left out
@@ -181,7 +183,7 @@ def _write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=1) + "\n")
 
 
-def write_contact_sheet(path: Path, rows: list[list[tuple[str, np.ndarray]]]) -> Path:
+def write_contact_sheet(path: Path, rows: list[SheetRow]) -> Path:
     """Write the contact sheet of ``rows`` (one per request) as a PNG at ``path``; returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(contact_sheet(rows)).save(path)

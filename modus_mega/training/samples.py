@@ -20,7 +20,8 @@ caption ids). Targets are 2D only, so no tokenizer is needed.
 Generation needs the whole serial model on one rank: at tp > 1, pp > 1 or ZeRO-3 the
 sampler logs once that samples need tp = pp = 1 and ZeRO <= 2 and stays off. The serial copy
 is built (meta device, then the weights) for each sampling and freed after, in the
-engine's compute dtype on the training device.
+engine's compute dtype on the training device: rank 0 needs room for one more copy of the
+weights in that dtype while it samples (tested on CPU in fp32 only).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from modus_mega.data.documents import Sample
 from modus_mega.data.procedural import procedural_sample
 from modus_mega.datasets.synth import SynthConfig, generate_sample
 from modus_mega.inference.generator import Generator, Settings
-from modus_mega.inference.outputs import OutputContext, Request, write_contact_sheet, write_request
+from modus_mega.inference.outputs import OutputContext, Request, SheetRow, write_contact_sheet, write_request
 from modus_mega.modalities import image_modalities, modality, to_image
 from modus_mega.ops.attention import get_attention_backend
 from modus_mega.parallel.context import ParallelContext
@@ -116,7 +117,7 @@ class TrainingSampler:
         return path
 
     @torch.no_grad()
-    def generate(self, engine: TrainEngine) -> list[list]:
+    def generate(self, engine: TrainEngine) -> list[SheetRow]:
         """The contact-sheet rows of every held-out request, generated with a serial copy of the current weights."""
         cfg = self.cfg.model
         model, _ = load_model(cfg, self._weights(engine), False, self.ctx.device, engine.compute_dtype)
