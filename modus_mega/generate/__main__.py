@@ -88,7 +88,9 @@ def _tokenizers(files: CheckpointFiles, args: argparse.Namespace) -> tuple[Modal
 def run(args: argparse.Namespace) -> Path:
     """Check, load, generate and write the request(s); returns the contact sheet's path."""
     if args.best_of != 1:
-        raise ValueError("--best-of > 1 needs self-verification (inference/verification.py), which this build lacks; use --best-of 1")
+        raise ValueError(
+            "--best-of > 1 needs self-verification (inference/verification.py), which this build lacks; use --best-of 1"
+        )
     files = locate(args.ckpt, args.ema)
     tokenizers, quantizers = _tokenizers(files, args)
     requests, size = _held_out(files, args) if args.held_out else _requested(files, args, tokenizers, quantizers)
@@ -102,7 +104,8 @@ def run(args: argparse.Namespace) -> Path:
         data.condition_mode_2d = args.condition_mode
     device = torch.device(args.device)
     model, vae = load(files, device)
-    attention = get_attention_backend(files.model.attention_backend, device, head_dim=files.model.llm.head_dim, dtype=torch.float32)
+    head_dim = files.model.llm.head_dim
+    attention = get_attention_backend(files.model.attention_backend, device, head_dim=head_dim, dtype=torch.float32)
     generator = Generator(model, vae, attention, data, quantizers, show_progress=not args.quiet)  # type: ignore[arg-type]
     ctx = OutputContext(tokenizers, size, settings.feature_grid, args.fov)
     rows = []
@@ -128,7 +131,9 @@ def _requested(
 def _held_out(files: CheckpointFiles, args: argparse.Namespace) -> tuple[list[Request], tuple[int, int]]:
     """A training run's held-out requests (with their ground truth) and its image size."""
     if files.run is None:
-        raise ValueError(f"--held-out needs a training run directory (its data config), but {args.ckpt} is an hf-layout checkpoint")
+        raise ValueError(
+            f"--held-out needs a training run directory (its data config), but {args.ckpt} is an hf-layout checkpoint"
+        )
     if args.cond or args.target:
         raise ValueError("--held-out brings its own conditions and targets; drop --cond / --target")
     requests = held_out_requests(files.run)

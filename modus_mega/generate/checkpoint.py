@@ -57,16 +57,22 @@ def locate(path: Path, ema: bool = False) -> CheckpointFiles:
         raise ValueError(f"--ckpt {path}: no such directory")
     if is_run_dir(path):
         if not (path / RUN_CONFIG).is_file():
-            raise ValueError(f"--ckpt {path} is a run directory without its {RUN_CONFIG}; it was not written by the training loop")
+            raise ValueError(
+                f"--ckpt {path} is a run directory without its {RUN_CONFIG}; it was not written by the training loop"
+            )
         run = load_config(path / RUN_CONFIG)
         text_dir = run.data.text_tokenizer or run.init.bagel_dir  # the one its captions were encoded with
         text = Path(text_dir) if text_dir else None
         vq = Path(run.data.vq_dir) if run.data.vq_dir else None
         return CheckpointFiles(path, run.model, run.data, _tokenizer_dir(text), vq, run, ema, has_vae=True)
     if ema:
-        raise ValueError(f"--ema reads a training run's EMA weights, but {path} is not a run directory (no checkpoints/); drop --ema")
+        raise ValueError(
+            f"--ema reads a training run's EMA weights, but {path} is not a run directory (no checkpoints/); drop --ema"
+        )
     if not (path / CONFIG_FILE).is_file():
-        raise ValueError(f"--ckpt {path} is neither a training run directory nor a MODUS checkpoint in the hf layout (no {CONFIG_FILE})")
+        raise ValueError(
+            f"--ckpt {path} is neither a training run directory nor a MODUS checkpoint in the hf layout (no {CONFIG_FILE})"
+        )
     model, config = read_hf_config(path)
     vq = path / HF_VQ_DIR
     vq_dir = vq if vq.is_dir() else None

@@ -6,8 +6,9 @@ dp = 1 or an unpartitioned EMA; else the live weights, said once in the log), wr
 contact sheet (conditions | generated | ground truth, ``inference/outputs.py``) to
 ``run_dir/samples/step_XXXXXXXX.png`` (the number of steps done; each target's own files
 go to ``run_dir/samples/latest/<scene>/``, overwritten each time) and logs it to wandb as
-``samples``. Without a text tokenizer at hand, 1D conditions show as undecoded tiles. The other ranks go on to the next step, which waits for rank 0 at its first
-collective (keep the set small: the watchdog's ``parallel.collective_timeout_s`` covers it).
+``samples``. Without a text tokenizer at hand, 1D conditions show as undecoded tiles. The
+other ranks go on to the next step, which waits for rank 0 at its first collective (keep
+the set small: the watchdog's ``parallel.collective_timeout_s`` covers it).
 
 The scenes come from the run's own kind of data, seeded apart from it: procedural scenes
 (``data/procedural.py``) for ``data.source = procedural``, synthetic 15-modality scenes

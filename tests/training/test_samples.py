@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from modus_mega.generate.__main__ import CONTACT_SHEET, main
 from modus_mega.data.procedural import procedural_sample
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.training.loop import train
-from modus_mega.training.samples import NUM_SCENES, SAMPLES_DIR, held_out_requests
+from modus_mega.training.samples import NUM_SCENES, SAMPLES_DIR, TrainingSampler, held_out_requests
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,15 @@ def test_a_negative_sample_every_is_refused(tiny_config: ModusConfig) -> None:
     tiny_config.training.sample_every = -1
     with pytest.raises(ValueError, match="training.sample_every"):
         validate(tiny_config)
+
+
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}, {"zero_stage": 3}])
+def test_samples_need_the_whole_model_on_rank_0(
+    tiny_config: ModusConfig, layout: dict[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    tiny_config.training.sample_every = 1
+    for key, value in layout.items():
+        setattr(tiny_config.parallel, key, value)
+    sampler = TrainingSampler(tiny_config, SimpleNamespace(is_main=True))  # type: ignore[arg-type]
+    assert sampler.requests == [] and "samples need tp = pp = 1 and ZeRO <= 2" in caplog.text
+    assert sampler.after_step(1, None, None) is None  # type: ignore[arg-type]
