@@ -7,6 +7,7 @@ Layout of a directory::
     model.safetensors.index.json     {"metadata": {"total_parameters", "total_size"}, "weight_map": {name: shard}}
     model-0000i-of-0000N.safetensors shards of at most max_shard_bytes (default 5 GB) each
     tokenizer files                  copied from the source checkpoint when it has them
+    vq/                              the feature codebooks ({modality}.safetensors, vq.json) when the source has them
 
 Tensor names are MODUS names (``keymap.py``): the model's own state-dict names, and the
 frozen VAE's under ``vae.`` (optional). A single ``model.safetensors`` without an index
@@ -27,6 +28,7 @@ from modus_mega.convert.files import (
     PlannedTensor,
     atomic_directory,
     cast,
+    copy_codebooks,
     copy_tokenizer_files,
     output_dtype,
     plan_shards,
@@ -51,6 +53,7 @@ from modus_mega.model.modus import ModusModel
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+VQ_DIR = "vq"  # the feature codebooks (tokenizers/vq.py), which generating feature targets needs
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
 # config.json's dtype is the decoder's stored dtype, as save_pretrained records the model's
 # (its first floating parameter's); a VAE kept in fp32 next to a bf16 decoder does not change it.
@@ -138,12 +141,14 @@ def write_hf(
     tokenizer_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    vq_dir: str | Path | None = None,
 ) -> Path:
     """Write ``source`` (MODUS names, full shapes) as the Hugging Face layout in ``out``, atomically.
 
     The source must hold exactly the tensors of ``cfg``'s model (the VAE's too, or none of
     them), with their shapes; anything else is refused before a byte is written. Floating
-    tensors are cast to ``dtype`` if given. Returns ``out``.
+    tensors are cast to ``dtype`` if given. The tokenizer files of ``tokenizer_dir`` and the
+    codebooks of ``vq_dir`` are copied along. Returns ``out``.
     """
     has_vae = any(is_vae_name(name) for name in source.names())
     check_tensors(expected_shapes(cfg, has_vae), source)
@@ -158,6 +163,7 @@ def write_hf(
         decoder_dtype = output_dtype(source.dtype(DTYPE_TENSOR), dtype)
         ModusHFConfig.from_model_config(cfg, has_vae, decoder_dtype).to_json_file(tmp / CONFIG_FILE)
         copy_tokenizer_files(Path(tokenizer_dir) if tokenizer_dir is not None else None, tmp)
+        copy_codebooks(Path(vq_dir) if vq_dir is not None else None, tmp / VQ_DIR)
     return out
 
 

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> Path:
     head_dim = files.model.llm.head_dim
     attention = get_attention_backend(files.model.attention_backend, device, head_dim=head_dim, dtype=torch.float32)
     generator = Generator(model, vae, attention, data, quantizers, show_progress=not args.quiet)  # type: ignore[arg-type]
-    ctx = OutputContext(tokenizers, size, settings.feature_grid, args.fov)
+    ctx = OutputContext(tokenizers, size, settings.feature_grid, args.fov, model.vocab, quantizers)
     rows = []
     for request in requests:
         generation = generator.generate(request.conditions, request.order, request.targets, settings, request.expressions)

@@ -3,8 +3,8 @@
 Two layouts (the same two that ``python -m modus_mega.convert to-hf`` reads):
 
 - the Hugging Face layout (what ``to-hf`` writes): ``config.json`` and the shards; the text
-  tokenizer files next to them (``to-hf`` copies them there); feature codebooks in ``vq/``
-  when present (``--vq`` points elsewhere). It records no data config, so 2D conditions
+  tokenizer files next to them and the feature codebooks in ``vq/`` (``to-hf`` copies both
+  there from the run; ``--text-tokenizer`` / ``--vq`` point elsewhere). It records no data config, so 2D conditions
   enter as ``DataConfig()``'s ``condition_mode_2d`` unless the caller says otherwise. Its VAE
   is the one stored under ``vae.``; a checkpoint without one serves 1D targets from 1D
   conditions only.
@@ -27,12 +27,11 @@ import torch
 
 from modus_mega.config import DataConfig, ModelConfig, ModusConfig, load_config
 from modus_mega.convert.deepspeed_run import DeepSpeedRunSource, is_run_dir
-from modus_mega.convert.hf import CONFIG_FILE, load_model, load_pretrained, read_hf_config
+from modus_mega.convert.hf import CONFIG_FILE, VQ_DIR, load_model, load_pretrained, read_hf_config
 from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.model.modus import ModusModel
 from modus_mega.training.engine import seeded_vae
 
-HF_VQ_DIR = "vq"  # feature codebooks of a Hugging Face-layout checkpoint, when present
 RUN_CONFIG = "config.json"  # the resolved config a training run writes into its directory
 TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either marks a tokenizer directory
 
@@ -74,7 +73,7 @@ def locate(path: Path, ema: bool = False) -> CheckpointFiles:
             f"--ckpt {path} is neither a training run directory nor a MODUS checkpoint in the hf layout (no {CONFIG_FILE})"
         )
     model, config = read_hf_config(path)
-    vq = path / HF_VQ_DIR
+    vq = path / VQ_DIR
     vq_dir = vq if vq.is_dir() else None
     return CheckpointFiles(path, model, DataConfig(), _tokenizer_dir(path), vq_dir, None, False, config.has_vae)
 

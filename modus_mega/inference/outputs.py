@@ -41,6 +41,8 @@ from modus_mega.modalities import modality, render_for_people
 from modus_mega.modalities.pictures import image_to_depth
 from modus_mega.modalities.values import Detections, Groundings, Payload
 from modus_mega.tokenizers import ModalityTokenizers
+from modus_mega.tokenizers.vq import FeatureQuantizer
+from modus_mega.vocab import Vocabulary
 
 DEPTH_RANGE_M = (1.0, 10.0)  # (near, far) metres given to a generated depth map for its point cloud
 _FAR_END = 0.999  # depth images at or above this are the far end (sky / invalid), left out of the cloud
@@ -64,18 +66,25 @@ class Request:
 class OutputContext:
     """What decoding and drawing a request's ids and images needs."""
 
-    tokenizers: ModalityTokenizers | None  # None: 1D ids are shown as counts, not decoded
+    tokenizers: ModalityTokenizers | None  # text, boxes; None: such ids are shown undecoded
     size: tuple[int, int]  # (H, W) pixels of the generated images (boxes refer to it)
     feature_grid: tuple[int, int]  # (gh, gw) of local features
     fov_degrees: float = DEFAULT_FOV_DEGREES
+    vocab: Vocabulary | None = None  # with ``quantizers``: decodes feature ids without a text tokenizer
+    quantizers: dict[str, FeatureQuantizer] = field(default_factory=dict)  # feature modality -> its VQ decoder
 
 
 def decode_ids(name: str, ids: list[int], ctx: OutputContext) -> Payload | None:
-    """The payload of 1D modality ``name``'s ids (text, pixel boxes, feature vectors); None without tokenizers."""
+    """The payload of 1D modality ``name``'s ids (text, pixel boxes, feature vectors); None without its decoder.
+
+    Features decode through their quantizer (the VQ decoder), text and boxes through the tokenizers.
+    """
+    grid = ctx.feature_grid if modality(name).kind == "feature_local" else None
+    if name in ctx.quantizers and ctx.vocab is not None:
+        return ctx.quantizers[name].detokenize(ids, ctx.vocab, grid)
     if ctx.tokenizers is None:
         return None
     height, width = ctx.size
-    grid = ctx.feature_grid if modality(name).kind == "feature_local" else None
     return ctx.tokenizers.decode(name, ids, width=width, height=height, grid=grid)
 
 

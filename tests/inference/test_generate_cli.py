@@ -11,11 +11,10 @@ import torch
 from PIL import Image
 
 from modus_mega.config import load_config
-from modus_mega.convert.hf import save_pretrained
+from modus_mega.convert.hf import VQ_DIR, save_pretrained
 from modus_mega.data.procedural import procedural_sample
 from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.generate.__main__ import CONTACT_SHEET, main
-from modus_mega.generate.checkpoint import HF_VQ_DIR
 from modus_mega.model.init import init_weights
 from modus_mega.model.modus import ModusModel
 from modus_mega.modalities.pictures import image_to_rgb
@@ -39,9 +38,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     init_weights(vae, 0, 0.05, prefix="vae.")
     tokenizer = train_tiny_text_tokenizer(CAPTIONS, 300, root / "tokenizer")
     full = save_pretrained(model, vae, root / "full", tokenizer_dir=tokenizer)
-    (full / HF_VQ_DIR).mkdir()
+    (full / VQ_DIR).mkdir()
     codebook = torch.randn(2, cfg.model.vocab.codebook_size, 8, generator=torch.Generator().manual_seed(0))
-    FeatureQuantizer("clip_global", codebook).save(full / HF_VQ_DIR / "clip_global.safetensors")
+    FeatureQuantizer("clip_global", codebook).save(full / VQ_DIR / "clip_global.safetensors")
     bare = save_pretrained(model, vae, root / "bare")
     for size, name in ((SIZE, "rgb.png"), (2 * SIZE, "big.png")):
         Image.fromarray(image_to_rgb(procedural_sample(1, size, 0).images["rgb"].numpy())).save(root / name)

@@ -6,25 +6,33 @@ import copy
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from modus_mega.config import ModusConfig, load_config, validate
+from modus_mega.convert.__main__ import main as convert
+from modus_mega.convert.hf import VQ_DIR
 from modus_mega.generate.__main__ import CONTACT_SHEET, main
 from modus_mega.data.procedural import procedural_sample
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.training.loop import train
+from modus_mega.tokenizers.vq import FeatureQuantizer
 from modus_mega.training.samples import NUM_SCENES, SAMPLES_DIR, TrainingSampler, held_out_requests
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-step tiny run (with an EMA) sampling every 2 steps."""
+    """A 3-step tiny run (with an EMA and a codebook) sampling every 2 steps."""
     from tests.conftest import _TINY
 
     path = tmp_path_factory.mktemp("samples_run")
+    vq_dir = tmp_path_factory.mktemp("vq")
+    codebook = torch.randn(2, _TINY.model.vocab.codebook_size, 8, generator=torch.Generator().manual_seed(0))
+    FeatureQuantizer("clip_global", codebook).save(vq_dir / "clip_global.safetensors")
     cfg = copy.deepcopy(_TINY)
+    cfg.data.vq_dir = str(vq_dir)  # unused by procedural data; to-hf copies it along
     cfg.training.steps, cfg.training.sample_every, cfg.training.ema_decay = 3, 2, 0.9
     cfg.training.run_dir, cfg.training.wandb_mode = str(path), "disabled"
     cfg.data.token_budget, cfg.data.image_size = 256, 32
@@ -77,3 +85,11 @@ def test_samples_need_the_whole_model_on_rank_0(
     sampler = TrainingSampler(tiny_config, SimpleNamespace(is_main=True))  # type: ignore[arg-type]
     assert sampler.requests == [] and "samples need tp = pp = 1 and ZeRO <= 2" in caplog.text
     assert sampler.after_step(1, None, None) is None  # type: ignore[arg-type]
+
+
+def test_to_hf_carries_the_codebooks_that_feature_targets_need(run_dir: Path, tmp_path: Path) -> None:
+    """``convert to-hf`` of the run copies ``data.vq_dir`` into ``vq/``; ``generate`` then decodes a feature target."""
+    convert(["to-hf", str(run_dir), str(tmp_path / "hf"), "--quiet"])
+    assert (tmp_path / "hf" / VQ_DIR / "clip_global.safetensors").is_file()
+    main(["--ckpt", str(tmp_path / "hf"), "--target", "clip_global", "--quiet", "--out", str(tmp_path / "out")])
+    assert np.load(tmp_path / "out" / "clip_global.npy").shape == (8,)
