@@ -69,6 +69,16 @@ def test_held_out_scenes_are_not_training_scenes(tiny_config: ModusConfig) -> No
         assert not any(torch.equal(request.conditions.images["rgb"], s.images["rgb"]) for s in training)
 
 
+def test_a_shards_run_samples_synthetic_scenes_of_its_2d_targets(tiny_config: ModusConfig) -> None:
+    tiny_config.data.source, tiny_config.data.image_size = "shards", 32
+    tiny_config.data.target_weights = {"caption": 1.0, "normal": 1.0, "canny": 0.0, "depth": 2.0, "seg": 1.0}
+    requests = held_out_requests(tiny_config)
+    assert len(requests) == NUM_SCENES
+    for request in requests:
+        assert request.order == ["rgb"] and request.targets == ["depth", "normal"]  # table order, first two trained
+        assert request.truth.images["depth"].shape == (3, 32, 32)
+
+
 def test_a_negative_sample_every_is_refused(tiny_config: ModusConfig) -> None:
     tiny_config.training.sample_every = -1
     with pytest.raises(ValueError, match="training.sample_every"):
