@@ -103,7 +103,10 @@ def check_targets(
         raise ValueError("no --target given; name at least one, e.g. --target depth")
     images = [n for n in [*targets, *conditions] if modality(n).family == "2d"]
     if images and not has_vae:
-        raise ValueError(f"{images[0]} needs the checkpoint's VAE, and this checkpoint has none; export it with its VAE")
+        raise ValueError(
+            f"{images[0]} needs the checkpoint's VAE, and this one has none (to-hf of a run from the seeded init "
+            "writes none): pass the training run directory itself as --ckpt"
+        )
     for name in targets:
         kind = modality(name).kind
         if kind in NEEDS_TEXT_TOKENIZER and not text_tokenizer:

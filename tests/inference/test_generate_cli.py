@@ -29,7 +29,7 @@ CAPTIONS = ["a red cube on a blue floor", "two green spheres", "a small yellow c
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random checkpoint in the hf layout with its tokenizer and one codebook ("full"), the same
-    weights without tokenizer files ("bare"), and an rgb condition of the right and of the wrong size."""
+    weights without tokenizer files ("bare") and without the VAE ("novae"), and an rgb condition of the right and of the wrong size."""
     root = tmp_path_factory.mktemp("generate")
     cfg = load_config(REPO / "configs" / "tiny.json")
     model = ModusModel(cfg.model)
@@ -42,9 +42,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     codebook = torch.randn(2, cfg.model.vocab.codebook_size, 8, generator=torch.Generator().manual_seed(0))
     FeatureQuantizer("clip_global", codebook).save(full / VQ_DIR / "clip_global.safetensors")
     bare = save_pretrained(model, vae, root / "bare")
+    novae = save_pretrained(model, None, root / "novae")
     for size, name in ((SIZE, "rgb.png"), (2 * SIZE, "big.png")):
         Image.fromarray(image_to_rgb(procedural_sample(1, size, 0).images["rgb"].numpy())).save(root / name)
-    return {"full": full, "bare": bare, "rgb": root / "rgb.png", "big": root / "big.png", "root": root}
+    return {"full": full, "bare": bare, "novae": novae, "rgb": root / "rgb.png", "big": root / "big.png", "root": root}
 
 
 def _args(ckpt: Path, out: Path, *extra: str) -> list[str]:
@@ -92,10 +93,14 @@ def test_a_refused_request_is_one_line_and_status_2(
     assert not (tmp_path / "out").exists()
 
 
-def test_a_checkpoint_without_a_text_tokenizer_refuses_text_targets(
-    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    "ckpt, target, message",
+    [("bare", "caption", "needs the checkpoint's text tokenizer"), ("novae", "depth", "needs the checkpoint's VAE")],
+)
+def test_a_checkpoint_without_what_a_target_needs_refuses_it(
+    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], ckpt: str, target: str, message: str
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(_args(checkpoints["bare"], tmp_path / "out", "--cond", f"rgb={checkpoints['rgb']}", "--target", "caption"))
+        main(_args(checkpoints[ckpt], tmp_path / "out", "--cond", f"rgb={checkpoints['rgb']}", "--target", target))
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "needs the checkpoint's text tokenizer" in err, err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
