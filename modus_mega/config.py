@@ -198,6 +198,7 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 1  # steps between log lines
     checkpoint_every: int = 0  # steps between checkpoints in run_dir/checkpoints; 0: only at the end and on SIGTERM/SIGUSR1
+    sample_every: int = 0  # >= 0 steps between held-out samples (run_dir/samples/step_*.png, wandb; tp = pp = 1); 0: off
     resume: Literal[True, False, "fallback"] = True  # continue from run_dir/checkpoints/latest when it exists; "fallback": from the newest complete tag when latest's is damaged
     keep_last: int = 0  # checkpoint tags kept (the newest, latest's included); older ones are deleted once a newer one is verified; 0 keeps all
     keep_every: int = 0  # also keep every tag whose step is a multiple of this (milestones) beyond keep_last; 0: none
@@ -500,6 +501,7 @@ FIELD_RANGES: dict[str, Range] = {
     "training.max_bad_steps": _POSITIVE_INT,
     "training.peak_tflops": _NON_NEGATIVE,
     "training.keep_last": _NON_NEGATIVE,
+    "training.sample_every": _NON_NEGATIVE,
     "training.keep_every": _NON_NEGATIVE,
     "training.fp8.amax_history_len": _POSITIVE_INT,
     "parallel.tp": _POSITIVE_INT,

@@ -12,7 +12,7 @@ reads a run's latest checkpoint at any tp, pp and ZeRO stage (its EMA weights to
 """
 
 from modus_mega.convert.bagel import BagelSource, import_bagel, load_bagel_into, save_bagel, write_bagel
-from modus_mega.convert.hf import load_pretrained, open_hf, read_hf_config, save_pretrained, write_hf
+from modus_mega.convert.hf import load_model, load_pretrained, open_hf, read_hf_config, save_pretrained, write_hf
 from modus_mega.convert.keymap import bagel_to_ours, ours_to_bagel
 from modus_mega.convert.release import check_bagel_config, release_model_config
 from modus_mega.convert.source import (
@@ -37,6 +37,7 @@ __all__ = [
     "import_bagel",
     "load_bagel_into",
     "load_into",
+    "load_model",
     "load_pretrained",
     "open_hf",
     "ours_to_bagel",

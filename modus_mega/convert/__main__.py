@@ -31,7 +31,7 @@ from modus_mega.config import ModelConfig, load_config
 from modus_mega.convert.bagel import import_bagel, write_bagel
 from modus_mega.convert.deepspeed_run import DeepSpeedRunSource, is_run_dir
 from modus_mega.convert.files import parse_size
-from modus_mega.convert.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, open_hf, read_hf_config, write_hf
+from modus_mega.convert.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, VQ_DIR, open_hf, read_hf_config, write_hf
 from modus_mega.convert.release import release_model_config
 from modus_mega.convert.source import TensorSource
 from modus_mega.convert.text_model import write_text_model
@@ -124,8 +124,8 @@ def _require_hf(src: Path) -> None:
         raise ValueError(f"{src} is not a MODUS checkpoint in the hf layout: it has no {CONFIG_FILE}{hint}")
 
 
-def _open_source(args: argparse.Namespace) -> tuple[ModelConfig, TensorSource, Path | None]:
-    """The model config, tensors and tokenizer directory of ``args.src`` (a training run or the hf layout)."""
+def _open_source(args: argparse.Namespace) -> tuple[ModelConfig, TensorSource, Path | None, Path | None]:
+    """The model config, tensors, tokenizer directory and codebook directory of ``args.src`` (a run or the hf layout)."""
     ema = getattr(args, "ema", False)
     if args.command != "from-hf" and is_run_dir(args.src):
         source = DeepSpeedRunSource(args.src, ema=ema)
@@ -135,13 +135,14 @@ def _open_source(args: argparse.Namespace) -> tuple[ModelConfig, TensorSource, P
                 f"{args.src} started from the seeded init (init.bagel_dir is empty), so it has no VAE checkpoint "
                 "to write as ae.safetensors; export it with to-hf, or train from a BAGEL release"
             )
-        return source.config.model, source, source.tokenizer_dir
+        vq_dir = Path(source.config.data.vq_dir) if source.config.data.vq_dir else None
+        return source.config.model, source, source.tokenizer_dir, vq_dir
     if ema:
         raise ValueError(f"--ema reads a training run's EMA weights, but {args.src} is not a run directory "
                          "(it has no checkpoints/); drop --ema")  # fmt: skip
     _require_hf(args.src)
     cfg, _ = read_hf_config(args.src)
-    return cfg, open_hf(args.src), args.src
+    return cfg, open_hf(args.src), args.src, args.src / VQ_DIR
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> Path:
             args.src, cfg, args.out, seed=args.seed, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
             overwrite=args.overwrite, progress=progress, allow_nonfinite=args.allow_nonfinite,
         )  # fmt: skip
-    cfg, source, tokenizer_dir = _open_source(args)
+    cfg, source, tokenizer_dir, vq_dir = _open_source(args)
     with source:
         if args.command == "to-bagel":
             return write_bagel(
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> Path:
             raise ValueError("--text-vocab-only of to-hf applies to --text-model only; add --text-model or drop it")
         return write_hf(
             source, cfg, args.out, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
-            tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, progress=progress,
+            tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, progress=progress, vq_dir=vq_dir,
             allow_nonfinite=args.allow_nonfinite,
         )  # fmt: skip
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from modus_mega.convert.source import DTYPE_CODES
+from modus_mega.modalities import feature_modalities
 
 # Tokenizer files of a Qwen2 / Hugging Face tokenizer; those present are copied verbatim.
 TOKENIZER_FILES = (
@@ -35,6 +36,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
 )
+CODEBOOK_SUMMARY = "vq.json"  # what train_vq writes next to the codebooks (sizes, errors)
 _HEADER_ALIGN = 8  # the header is space-padded so tensor data starts 8-byte aligned (as safetensors does)
 
 
@@ -169,6 +171,22 @@ def copy_tokenizer_files(src_dir: Path | None, dst_dir: Path) -> list[str]:
             shutil.copyfile(Path(src_dir) / name, dst_dir / name)
             copied.append(name)
     return copied
+
+
+def copy_codebooks(src_dir: Path | None, dst_dir: Path) -> list[str]:
+    """Copy the feature codebooks in ``src_dir`` (``{modality}.safetensors``, and ``vq.json``) into ``dst_dir``.
+
+    ``dst_dir`` is created only when there is something to copy; returns the names copied.
+    """
+    if src_dir is None:
+        return []
+    names = [f"{m}.safetensors" for m in feature_modalities()] + [CODEBOOK_SUMMARY]
+    present = [name for name in names if (Path(src_dir) / name).is_file()]
+    if present:
+        dst_dir.mkdir(parents=True, exist_ok=True)
+    for name in present:
+        shutil.copyfile(Path(src_dir) / name, dst_dir / name)
+    return present
 
 
 @contextmanager

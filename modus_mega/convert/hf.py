@@ -7,6 +7,7 @@ Layout of a directory::
     model.safetensors.index.json     {"metadata": {"total_parameters", "total_size"}, "weight_map": {name: shard}}
     model-0000i-of-0000N.safetensors shards of at most max_shard_bytes (default 5 GB) each
     tokenizer files                  copied from the source checkpoint when it has them
+    vq/                              the feature codebooks ({modality}.safetensors, vq.json) when the source has them
 
 Tensor names are MODUS names (``keymap.py``): the model's own state-dict names, and the
 frozen VAE's under ``vae.`` (optional). A single ``model.safetensors`` without an index
@@ -27,6 +28,7 @@ from modus_mega.convert.files import (
     PlannedTensor,
     atomic_directory,
     cast,
+    copy_codebooks,
     copy_tokenizer_files,
     nonfinite_fix,
     output_dtype,
@@ -54,6 +56,7 @@ from modus_mega.model.modus import ModusModel
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+VQ_DIR = "vq"  # the feature codebooks (tokenizers/vq.py), which generating feature targets needs
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
 # config.json's dtype is the decoder's stored dtype, as save_pretrained records the model's
 # (its first floating parameter's); a VAE kept in fp32 next to a bf16 decoder does not change it.
@@ -142,6 +145,7 @@ def write_hf(
     overwrite: bool = False,
     progress: bool = False,
     allow_nonfinite: bool = False,
+    vq_dir: str | Path | None = None,
 ) -> Path:
     """Write ``source`` (MODUS names, full shapes) as the Hugging Face layout in ``out``, atomically.
 
@@ -149,6 +153,7 @@ def write_hf(
     them), with their shapes, all floating point unless ``dtype`` is given; anything else is
     refused before a byte is written. Tensors are cast to ``dtype`` if given. A tensor holding
     NaN or Inf is refused as it is reached (nothing is left behind) unless ``allow_nonfinite``.
+    The tokenizer files of ``tokenizer_dir`` and the codebooks of ``vq_dir`` are copied along.
     Returns ``out``.
     """
     has_vae = any(is_vae_name(name) for name in source.names())
@@ -167,6 +172,7 @@ def write_hf(
         decoder_dtype = output_dtype(source.dtype(DTYPE_TENSOR), dtype)
         ModusHFConfig.from_model_config(cfg, has_vae, decoder_dtype).to_json_file(tmp / CONFIG_FILE)
         copy_tokenizer_files(Path(tokenizer_dir) if tokenizer_dir is not None else None, tmp)
+        copy_codebooks(Path(vq_dir) if vq_dir is not None else None, tmp / VQ_DIR)
     return out
 
 
@@ -194,17 +200,33 @@ def load_pretrained(
     with_vae: bool = True,
     progress: bool = False,
 ) -> tuple[ModusModel, FluxAutoEncoder | None]:
-    """Build the model (and VAE) of the checkpoint in ``hf_dir`` and load its weights.
+    """Build the model (and VAE) of the checkpoint in ``hf_dir`` and load its weights (``load_model``).
 
-    The modules are built on the meta device, moved to ``device`` (in ``dtype`` if
-    given) without initialisation, and then every tensor is loaded (a strict load: every
-    tensor present, nothing extra, every shape right). Both are returned in eval mode,
-    the VAE frozen; the VAE is None when the checkpoint has none or ``with_vae`` is False.
+    The VAE is None when the checkpoint has none or ``with_vae`` is False.
     """
     cfg, config = read_hf_config(hf_dir)
+    with open_hf(hf_dir) as source:
+        return load_model(cfg, source, with_vae and config.has_vae, device, dtype, progress)
+
+
+def load_model(
+    cfg: ModelConfig,
+    source: TensorSource,
+    with_vae: bool,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> tuple[ModusModel, FluxAutoEncoder | None]:
+    """Build the serial (tp = 1) model of ``cfg`` (and its VAE if ``with_vae``) and load ``source``'s tensors.
+
+    The modules are built on the meta device, moved to ``device`` (in ``dtype`` if given)
+    without initialisation, and then every tensor is loaded (a strict load: every tensor
+    present, nothing extra, every shape right; the VAE's are ignored without ``with_vae``).
+    Both are returned in eval mode, the VAE frozen.
+    """
     with torch.device("meta"):
         model = ModusModel(cfg)
-        vae = FluxAutoEncoder(cfg.vae) if with_vae and config.has_vae else None
+        vae = FluxAutoEncoder(cfg.vae) if with_vae else None
     modules: dict[str, nn.Module] = {"": model}
     if vae is not None:
         modules[VAE_PREFIX] = vae
@@ -214,8 +236,7 @@ def load_pretrained(
         module.to_empty(device=device)
     if cfg.llm.tie_word_embeddings:  # to_empty gives every parameter its own storage; restore the tie
         model.lm_head.weight = model.embed_tokens.weight
-    with open_hf(hf_dir) as source:
-        load_into(modules, FilteredSource(source, lambda n: vae is not None or not is_vae_name(n)), progress=progress)
+    load_into(modules, FilteredSource(source, lambda n: vae is not None or not is_vae_name(n)), progress=progress)
     model.eval()
     if vae is not None:
         vae.eval().requires_grad_(False)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from modus_mega.config import DataConfig, ModelConfig, TimestepConfig
 from modus_mega.data.documents import Document, DocumentBuilder, Sample
@@ -107,6 +108,7 @@ class Generator:
     attention: AttentionBackend
     data: DataConfig  # the run's data config: how 2D conditions enter (condition_mode_2d)
     quantizers: dict[str, FeatureQuantizer] = field(default_factory=dict)  # for feature targets
+    show_progress: bool = False  # a progress bar per target (tokens, or flow-model evaluations)
 
     def __post_init__(self) -> None:
         cfg: ModelConfig = self.model.cfg
@@ -161,14 +163,17 @@ class Generator:
         generator = torch.Generator().manual_seed(derive_seed("generate-tokens", settings.seed, index))
         every = branches + ([unconditional] if unconditional else [])
         ids: list[int] = []
+        bar = tqdm(desc=name, unit="tok", disable=not self.show_progress, leave=False)
         while True:
             logits = [out[-1].float().cpu() for out in self.runner.flush_all(every)]  # [V] per branch, one forward
             uncond = logits[len(branches)] if unconditional else None
             guided = guide(logits[: len(branches)], uncond, settings.guidance)
             token = sample_token(guided, grammar.allowed(ids), settings.sampling, generator)
             if token == self.vocab.end_of_segment_id:
+                bar.close()
                 return GeneratedTarget(name, ids=ids)
             ids.append(token)
+            bar.update()
             for s in every:
                 self.builder.add_condition_content(s.doc, name, [token], None)
 
@@ -209,14 +214,18 @@ class Generator:
         self.runner.flush_all(every)
         generator = torch.Generator().manual_seed(derive_seed("generate-noise", settings.seed, index))
         noise = torch.randn(grid[0] * grid[1], cfg.patch_latent_dim, generator=generator).to(self.runner.device)
+        evaluations = settings.steps if settings.solver == "euler" else 2 * settings.steps - 1
+        bar = tqdm(total=evaluations, desc=name, unit="eval", disable=not self.show_progress, leave=False)
 
         def velocity(x_t: Tensor, t: float) -> Tensor:
+            bar.update()
             active = settings.guidance.active_at(t)
             run = branches + ([unconditional] if active and unconditional else [])
             outs = [v.float() for v in self.runner.noisy_split_velocities(run, x_t, t, grid)]  # one packed forward
             return guide(outs[: len(branches)], outs[len(branches)] if len(run) > len(branches) else None, settings.guidance, t)
 
         x0 = integrate_flow(velocity, noise, settings.steps, settings.shift, settings.solver)  # [N, P]
+        bar.close()
         latent = unpatchify_latents(x0, *grid, cfg.latent_patch_size, cfg.vae.latent_channels)
         with torch.no_grad():
             decoded = self.vae.decode(latent[None])[0].clamp(-1, 1).float().cpu()  # [3, H, W]

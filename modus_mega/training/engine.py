@@ -70,9 +70,14 @@ def select_linears(cfg: ModusConfig, ctx: ParallelContext) -> LinearFactory:
 
 def build_vae(cfg: ModusConfig, ctx: ParallelContext) -> FluxAutoEncoder:
     """The frozen VAE on this rank's device, initialised from ``training.seed``."""
+    return seeded_vae(cfg).to(ctx.device)
+
+
+def seeded_vae(cfg: ModusConfig) -> FluxAutoEncoder:
+    """The frozen VAE of a run without ``init.bagel_dir`` (its weights are a function of ``training.seed``), on CPU."""
     vae = FluxAutoEncoder(cfg.model.vae)
     init_weights(vae, cfg.training.seed, cfg.model.llm.init_std, prefix="vae.")
-    return vae.requires_grad_(False).eval().to(ctx.device)
+    return vae.requires_grad_(False).eval()
 
 
 def deepspeed_config(cfg: ModusConfig, ctx: ParallelContext) -> dict[str, Any]:

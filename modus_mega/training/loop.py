@@ -48,6 +48,7 @@ from modus_mega.training.losses import NUM_LOSS_SUMS, loss_sums, modus_loss
 from modus_mega.training.metrics import JsonlLog, plot_loss_curves, read_jsonl
 from modus_mega.training.observability import ThroughputMeter, WandbRun
 from modus_mega.training.prepare import prepare_step_inputs
+from modus_mega.training.samples import TrainingSampler
 from modus_mega.training.schedule import learning_rate
 
 # Why samples are skipped: the readers' reasons (modalities/faults.py), then the packer's (data/packing.py).
@@ -95,6 +96,7 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
     failures = BadStepCounter(cfg.training.max_bad_steps, state.skipped_steps, state.bad_in_a_row)
     meter = ThroughputMeter(cfg.model, ctx, cfg.training.peak_tflops)
     tracker = WandbRun.start(cfg, ctx, resumed=resumed_from > 0)  # rank 0 only
+    sampler = TrainingSampler(cfg, ctx)  # held-out samples every training.sample_every steps (rank 0)
     accum = cfg.training.grad_accum_steps
     batches = iter(loader)
     metrics_path = run_dir / "metrics.jsonl"
@@ -162,6 +164,7 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
             if preempted or (every and state.step % every == 0) or state.step == cfg.training.steps:
                 save_checkpoint(engine, loader, ctx, cfg, root, state)
                 watchdog.progress(step)  # the stall clock times the checkpoint apart from the step
+            sampler.after_step(state.step, engine, tracker)
             if preempted:
                 break
     if log is not None:

@@ -186,6 +186,12 @@ class WandbRun:
         """Log one metrics record (its ``step`` is wandb's step)."""
         self._run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Log the picture at ``path`` under ``key`` at ``step`` (training-time samples)."""
+        import wandb
+
+        self._run.log({key: wandb.Image(str(path))}, step=step)
+
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (``exit_code`` != 0 marks it failed)."""
         self._run.finish(exit_code=exit_code)

@@ -1,0 +1,1 @@
+"""The ``python -m modus_mega.generate`` command: checkpoint locating and loading, request checking, the CLI."""
