@@ -13,3 +13,4 @@ DATA=runs/demo/data
   --out runs/demo/text_tokenizer --vocab-size 512
 [ -f runs/demo/vq/vq.json ] || $PY -m modus_mega.datasets.train_vq --shards $DATA --out runs/demo/vq --codebook-size 32
 $PY launch/pretrain.py --config configs/tiny_shards.json "$@"
+echo "Browser demo of the trained model: .venv/bin/python -m modus_mega.demo --ckpt runs/demo, then open http://127.0.0.1:7860"
