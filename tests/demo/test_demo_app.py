@@ -17,7 +17,7 @@ from PIL import Image
 from modus_mega.demo.__main__ import build_parser, main
 from modus_mega.demo.app import API_NAME, build_app
 from modus_mega.demo.examples import write_examples
-from modus_mega.demo.session import DemoSession
+from modus_mega.demo.session import DemoRequest, DemoSession
 from tests.inference.test_generate_cli import SIZE, checkpoints  # noqa: F401 (the tiny checkpoint fixture)
 
 TIMEOUT_S = 60  # a request on the tiny model takes seconds; this only bounds a hang
@@ -99,6 +99,13 @@ def test_an_unreadable_image_is_a_message(served: tuple[Client, str, Path], tmp_
     broken.write_bytes(b"not a picture")
     *_, status = _generate(client, broken, ["rgb"], ["depth"])
     assert "Cannot generate" in status and "not a readable image" in status, status
+
+
+def test_a_target_without_its_tokenizer_is_refused_before_generating(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    session = DemoSession(checkpoints["bare"], size=SIZE)  # the same weights, no tokenizer files
+    with pytest.raises(ValueError, match="needs the checkpoint's text tokenizer"):
+        session.generate(DemoRequest(checkpoints["rgb"], "", ["rgb"], ["caption"]), tmp_path / "out")
+    assert not (tmp_path / "out" / "caption.txt").exists()
 
 
 def test_help_names_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
