@@ -15,8 +15,8 @@ from typing import Any
 import gradio as gr
 
 from modus_mega.demo.examples import Example
-from modus_mega.demo.session import CONDITIONS, DemoRequest, DemoSession
-from modus_mega.modalities import modality_names
+from modus_mega.demo.session import CONDITIONS, FITTED, DemoRequest, DemoSession
+from modus_mega.modalities import image_modalities, modality_names
 
 API_NAME = "generate"  # the event's name in the HTTP API (/generate)
 TITLE = "MODUS: any-to-any generation"
@@ -29,12 +29,12 @@ def build_app(session: DemoSession, examples: list[Example], out_root: Path) -> 
 
     def generate(
         image: str | None, caption: str, conditions: list[str], targets: list[str], steps: float, guidance: float,
-        seed: float, chain: bool, expression: str,
+        seed: float, chain: bool, expression: str, image_modality: str,
     ) -> tuple[list[tuple[str, str]], str, str | None, str]:  # fmt: skip
         """Gallery (png, label) pairs, 1D texts, the zip, and the status message of one form submission."""
         request = DemoRequest(
             Path(image) if image else None, caption or "", list(conditions or []), list(targets or []),
-            int(steps), float(guidance), int(seed), bool(chain), expression or "",
+            int(steps), float(guidance), int(seed), bool(chain), expression or "", image_modality or FITTED,
         )  # fmt: skip
         try:
             result = session.generate(request, Path(tempfile.mkdtemp(prefix="request_", dir=out_root)))
@@ -49,10 +49,12 @@ def build_app(session: DemoSession, examples: list[Example], out_root: Path) -> 
         gr.Markdown(f"# {TITLE}\nUpload or pick a picture and/or type a caption, tick the conditions and targets, generate.")
         with gr.Row():
             with gr.Column():
-                # a File, not an Image: gr.Image decodes uploads itself and fails on a broken one before the
-                # handler can answer with a message; the picture is shown in the gallery as "condition rgb"
-                image = gr.File(label="picture (the rgb condition)", file_types=["image"], type="filepath")
-                caption = gr.Textbox(label="caption (the caption condition)")
+                # a File, not an Image: gr.Image decodes uploads itself (to 8-bit RGB, and fails on a broken file
+                # before the handler can answer); the picture is shown in the gallery as its condition
+                image = gr.File(label="picture", file_types=["image", ".npy"], type="filepath")
+                image_modality = gr.Dropdown(list(image_modalities()), value=FITTED,
+                                             label="the picture is (rgb is fitted to the size; others must match it)")
+                caption = gr.Textbox(label="caption")
                 conditions = gr.CheckboxGroup(list(CONDITIONS), value=[CONDITIONS[0]], label="condition modalities")
                 targets = gr.CheckboxGroup(list(modality_names()), value=DEFAULT_TARGETS, label="targets (generated in this order)")
                 with gr.Row():
@@ -69,6 +71,6 @@ def build_app(session: DemoSession, examples: list[Example], out_root: Path) -> 
                 download = gr.File(label="download (PNGs, .ply point cloud, JSON)")
         if examples:
             gr.Examples([[str(e.image), e.caption] for e in examples], [image, caption], label="synthetic scenes")
-        inputs: list[Any] = [image, caption, conditions, targets, steps, guidance, seed, chain, expression]
+        inputs: list[Any] = [image, caption, conditions, targets, steps, guidance, seed, chain, expression, image_modality]
         button.click(generate, inputs, [gallery, texts, download, status], api_name=API_NAME)
     return app

@@ -4,10 +4,12 @@ A ``DemoSession`` reads the checkpoint once (``generate/checkpoint.py``) and tur
 ``DemoRequest`` (the form's fields) into the same calls as ``python -m modus_mega.generate``:
 the conditions are read and the targets checked by ``generate/requests.py`` before the model
 runs, and the outputs are written by ``inference/outputs.py`` into a fresh directory, then
-zipped for download. An uploaded picture is the rgb condition; unlike the command line, the
-demo centre-crops and resizes it to the generation size (resizing colours is harmless, and
-a visitor's photo is rarely the right size). Every refusal is a ``ValueError`` whose message
-the page shows.
+zipped for download. The uploaded picture is the condition of the 2D modality the visitor
+names (rgb by default). An rgb picture is centre-cropped and resized to the generation size
+(resizing colours is harmless, and a visitor's photo is rarely the right size); any other
+modality's file is read exactly as the command line reads it (its codec: a 16-bit depth PNG,
+a label map), so it must already be the generation size. Every refusal is a ``ValueError``
+whose message the page shows.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from modus_mega.generate.requests import check_targets, read_conditions
 from modus_mega.inference.generator import Generator, Settings
 from modus_mega.inference.guidance import GuidanceConfig
 from modus_mega.inference.outputs import OutputContext, Request, write_request
+from modus_mega.modalities import image_modalities, render_for_people
 from modus_mega.ops.attention import get_attention_backend
 
-IMAGE_CONDITION = "rgb"  # the modality an uploaded picture is
+IMAGE_CONDITION = "picture"  # the form's condition choice for the uploaded picture
+FITTED = "rgb"  # the picture modality that is cropped and resized to the generation size
 TEXT_CONDITION = "caption"  # the modality the typed text is
-CONDITIONS = (IMAGE_CONDITION, TEXT_CONDITION)  # the condition modalities the form offers
+CONDITIONS = (IMAGE_CONDITION, TEXT_CONDITION)  # the conditions the form offers
 REQUEST_FILE = "request.json"  # the request's settings, written next to its outputs
 CONDITION_PREFIX = "condition_"  # file name prefix of a condition's picture in the output directory
 ARCHIVE = "outputs.zip"  # every output file of a request, for download
@@ -41,7 +45,7 @@ ARCHIVE = "outputs.zip"  # every output file of a request, for download
 class DemoRequest:
     """The form's fields: what to generate from what."""
 
-    image: Path | None  # uploaded picture (any size, any PIL format); None: none given
+    image: Path | None  # uploaded picture (rgb: any size and PIL format); None: none given
     caption: str  # typed caption ("" : none)
     conditions: list[str]  # which of CONDITIONS to condition on
     targets: list[str]  # modalities to generate, in order
@@ -50,6 +54,7 @@ class DemoRequest:
     seed: int = 0
     chain: bool = False  # each finished target becomes a condition of the next
     expression: str = ""  # referring expression of a grounding target
+    image_modality: str = FITTED  # the 2D modality the picture is
 
 
 @dataclass
@@ -95,8 +100,7 @@ class DemoSession:
         ctx = OutputContext(self.tokenizers, self.size, settings.feature_grid)
         write_request(out_dir, Request(conditions, order, request.targets, expressions), generation.targets, ctx)
         (out_dir / REQUEST_FILE).write_text(json.dumps(asdict(request), indent=1, default=str) + "\n")
-        condition_pngs = [(n, out_dir / f"{CONDITION_PREFIX}{n}.png") for n in order]
-        pictures = [(path, f"condition {n}") for n, path in condition_pngs if path.is_file()]
+        pictures = [(_condition_png(out_dir, n, conditions.images[n]), f"condition {n}") for n in order if n in conditions.images]
         pictures += [(out_dir / f"{n}.png", n) for n in request.targets if (out_dir / f"{n}.png").is_file()]
         texts = {n: (out_dir / f"{n}.txt").read_text().strip() for n in request.targets if (out_dir / f"{n}.txt").is_file()}
         return DemoResult(out_dir, pictures, texts, _zip(out_dir))
@@ -108,16 +112,28 @@ class DemoSession:
             raise ValueError(f"condition {unknown[0]!r} is not offered here; choose among {', '.join(CONDITIONS)}")
         specs = []
         if IMAGE_CONDITION in request.conditions:
+            name = request.image_modality
+            if name not in image_modalities():
+                raise ValueError(f"the picture's modality {name!r} is not a 2D modality; choose among {', '.join(image_modalities())}")
             if request.image is None:
                 raise ValueError(f"the {IMAGE_CONDITION} condition is ticked but no image was given; upload or pick one")
-            path = out_dir / f"{CONDITION_PREFIX}{IMAGE_CONDITION}.png"  # a generated rgb.png must not replace it
-            _fit(request.image, self.size).save(path)
-            specs.append(f"{IMAGE_CONDITION}={path}")
+            path = request.image
+            if name == FITTED:
+                path = out_dir / f"{CONDITION_PREFIX}{name}.png"  # a generated rgb.png must not replace it
+                _fit(request.image, self.size).save(path)
+            specs.append(f"{name}={path}")
         if TEXT_CONDITION in request.conditions:
             if not request.caption.strip():
                 raise ValueError(f"the {TEXT_CONDITION} condition is ticked but the caption is empty; type one")
             specs.append(f"{TEXT_CONDITION}={request.caption.strip()}")
         return specs
+
+
+def _condition_png(out_dir: Path, name: str, image: torch.Tensor) -> Path:
+    """The rendering for people of 2D condition ``name`` (model image [3, H, W]) as a PNG in ``out_dir``."""
+    path = out_dir / f"{CONDITION_PREFIX}{name}.png"
+    Image.fromarray(render_for_people(name, image.float().numpy())).save(path)
+    return path
 
 
 def _fit(path: Path, size: tuple[int, int]) -> Image.Image:

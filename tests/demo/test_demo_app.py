@@ -14,6 +14,8 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from modus_mega.data.shard_writer import encode_modality
+from modus_mega.datasets.synth import SynthConfig, generate_sample
 from modus_mega.demo.__main__ import build_parser, main
 from modus_mega.demo.app import API_NAME, build_app
 from modus_mega.demo.examples import write_examples
@@ -46,7 +48,8 @@ def served(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 def _generate(client: Client, image: Path | None, conditions: list[str], targets: list[str], **extra: object) -> tuple:
     """One form submission through the HTTP API: (gallery, texts, zip, message)."""
     form = {"image": handle_file(str(image)) if image else None, "caption": "", "conditions": conditions,
-            "targets": targets, "steps": 2, "guidance": 1.0, "seed": 0, "chain": False, "expression": ""}  # fmt: skip
+            "targets": targets, "steps": 2, "guidance": 1.0, "seed": 0, "chain": False, "expression": "",
+            "image_modality": "rgb"}  # fmt: skip
     form.update(extra)
     job = client.submit(*form.values(), api_name=f"/{API_NAME}")
     return job.result(timeout=TIMEOUT_S)
@@ -54,7 +57,7 @@ def _generate(client: Client, image: Path | None, conditions: list[str], targets
 
 def test_each_target_family_comes_back_rendered(served: tuple[Client, str, Path]) -> None:
     client, _, picture = served
-    gallery, texts, archive, message = _generate(client, picture, ["rgb", "caption"], ["depth", "caption", "detection"],
+    gallery, texts, archive, message = _generate(client, picture, ["picture", "caption"], ["depth", "caption", "detection"],
                                                  caption="two green spheres", chain=True)  # fmt: skip
     assert message.startswith("Generated"), message
     labels = [item["caption"] for item in gallery]
@@ -70,26 +73,38 @@ def test_a_picture_of_another_size_is_fitted(served: tuple[Client, str, Path], t
     client, _, picture = served
     big = tmp_path / "big.jpg"
     Image.open(picture).resize((3 * SIZE, 2 * SIZE)).save(big)
-    gallery, _, _, message = _generate(client, big, ["rgb"], ["normal"])
+    gallery, _, _, message = _generate(client, big, ["picture"], ["normal"])
     assert message.startswith("Generated"), message
     assert [Image.open(item["image"]).size for item in gallery] == [(SIZE, SIZE)] * 2
+
+
+@pytest.mark.parametrize("side, message", [(SIZE, "Generated"), (2 * SIZE, "the generation size is")])
+def test_a_depth_picture_is_read_exactly(served: tuple[Client, str, Path], tmp_path: Path, side: int, message: str) -> None:
+    client, _, _ = served
+    _, _, values = generate_sample(0, SynthConfig(image_size=side), encoders=[])
+    (fmt, data), = encode_modality("depth", values["depth"]).items()
+    (tmp_path / fmt).write_bytes(data)  # a 16-bit millimetre PNG, as in the shards
+    gallery, _, _, status = _generate(client, tmp_path / fmt, ["picture"], ["normal"], image_modality="depth")
+    assert message in status, status
+    if side == SIZE:
+        assert [item["caption"] for item in gallery] == ["condition depth", "normal"]
 
 
 @pytest.mark.parametrize(
     "conditions, targets, extra, message",
     [
-        (["rgb"], [], {}, "no --target given"),
-        (["rgb"], ["dinov2_global"], {}, "needs its feature codebook"),
-        (["rgb"], ["grounding"], {}, "referring expression"),
+        (["picture"], [], {}, "no --target given"),
+        (["picture"], ["dinov2_global"], {}, "needs its feature codebook"),
+        (["picture"], ["grounding"], {}, "referring expression"),
         (["caption"], ["depth"], {}, "caption is empty"),
-        ([], ["depth"], {"image": None, "conditions": ["rgb"]}, "no image was given"),
+        (["picture"], ["depth"], {"image": None}, "no image was given"),
     ],
 )
 def test_a_bad_request_is_a_message(
     served: tuple[Client, str, Path], conditions: list[str], targets: list[str], extra: dict, message: str
 ) -> None:
     client, _, picture = served
-    gallery, texts, archive, status = _generate(client, extra.pop("image", picture), extra.pop("conditions", conditions), targets)
+    gallery, texts, archive, status = _generate(client, extra.pop("image", picture), conditions, targets, **extra)
     assert (gallery, texts, archive) == ([], "", None) and "Cannot generate" in status and message in status, status
 
 
@@ -97,15 +112,17 @@ def test_an_unreadable_image_is_a_message(served: tuple[Client, str, Path], tmp_
     client, _, _ = served
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a picture")
-    *_, status = _generate(client, broken, ["rgb"], ["depth"])
+    *_, status = _generate(client, broken, ["picture"], ["depth"])
     assert "Cannot generate" in status and "not a readable image" in status, status
 
 
 def test_a_target_without_its_tokenizer_is_refused_before_generating(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     session = DemoSession(checkpoints["bare"], size=SIZE)  # the same weights, no tokenizer files
     with pytest.raises(ValueError, match="needs the checkpoint's text tokenizer"):
-        session.generate(DemoRequest(checkpoints["rgb"], "", ["rgb"], ["caption"]), tmp_path / "out")
+        session.generate(DemoRequest(checkpoints["rgb"], "", ["picture"], ["caption"]), tmp_path / "out")
     assert not (tmp_path / "out" / "caption.txt").exists()
+    with pytest.raises(ValueError, match="not a 2D modality"):  # the page's dropdown offers 2D modalities only
+        session.generate(DemoRequest(checkpoints["rgb"], "", ["picture"], ["depth"], image_modality="caption"), tmp_path / "out")
 
 
 def test_help_names_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
