@@ -35,6 +35,7 @@ RUNTIME_REQUIREMENTS = [
     "tqdm>=4.66",
     "scipy>=1.10",
     "pycocotools>=2.0.7",
+    "gradio>=5.0",  # the browser demo (python -m modus_mega.demo); brings gradio_client, which its tests drive
 ]
 
 EXTRAS = {

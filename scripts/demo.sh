@@ -16,3 +16,4 @@ DATA=runs/demo/data
 $PY launch/pretrain.py --config configs/tiny_shards.json "$@"
 $PY -m modus_mega.generate --ckpt runs/demo --held-out --steps 20 --quiet --out runs/demo/generated
 echo "Generated from held-out scenes (conditions | generated | ground truth): runs/demo/generated/contact_sheet.png"
+echo "Browser demo of the trained model: .venv/bin/python -m modus_mega.demo --ckpt runs/demo, then open http://127.0.0.1:7860"
