@@ -89,3 +89,59 @@ def write_report(results: SuiteResults, out: str | Path) -> dict[str, Path]:
     paths["table"].write_text(markdown_table(results))
     heatmap(results, paths["heatmap"])
     return paths
+
+
+# ----------------------------------------------------------------------------- ablations
+
+
+def _column(result: DirectionResult, by_target: bool) -> str:
+    return f"{result.target} ({result.headline})" if by_target else f"{result.direction} ({result.headline})"
+
+
+def variant_table(name: str, variants: dict[str, SuiteResults], by_target: bool = False) -> str:
+    """An ablation as a markdown table: one row per variant, one column per direction (or target)."""
+    columns = list(dict.fromkeys(_column(r, by_target) for v in variants.values() for r in v.directions))
+    first = next(iter(variants.values()))
+    lines = [
+        f"ablation {name}: {first.model} on {first.suite} ({first.num_scenes} scenes)",
+        "",
+        "| variant | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for variant, results in variants.items():
+        cells = {_column(r, by_target): _cell(r.value) for r in results.directions}
+        lines.append(f"| {variant} | " + " | ".join(cells.get(c, "") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_variants(name: str, variants: dict[str, SuiteResults], out: str | Path, by_target: bool = False) -> list[Path]:
+    """``ablation.json`` (each variant's results) and ``ablation.md`` in ``out`` (created)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "ablation.json", out / "ablation.md"]
+    record = {"ablation": name, "variants": {k: v.to_json() for k, v in variants.items()}}
+    paths[0].write_text(json.dumps(record, indent=2) + "\n")
+    paths[1].write_text(variant_table(name, variants, by_target))
+    return paths
+
+
+def steps_plot(variants: dict[str, SuiteResults], out: str | Path) -> Path:
+    """``steps.png``: each direction's headline (over its best value) against the number of flow steps (log x)."""
+    steps = [int(k) for k in variants]
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
+    first = next(iter(variants.values()))
+    for index, row in enumerate(first.directions):
+        values = [v.directions[index].value / row.full_scale for v in variants.values()]
+        ax.plot(steps, values, marker="o", label=f"{row.direction} ({row.headline})")
+    ax.set_xscale("log")
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_xlabel("flow steps")
+    ax.set_ylabel("headline / best")
+    ax.set_ylim(0.0, 1.0)
+    ax.legend(fontsize=7)
+    ax.set_title(f"quality vs flow steps ({first.num_scenes} scenes)", fontsize=9)
+    fig.tight_layout()
+    path = Path(out) / "steps.png"
+    fig.savefig(path, dpi=120)
+    return path

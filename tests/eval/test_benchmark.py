@@ -8,28 +8,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from modus_mega.convert import save_pretrained
 from modus_mega.datasets import synth
 from modus_mega.eval.__main__ import main
 from modus_mega.eval.directions import Direction, grid, parse_directions
 from modus_mega.eval.runner import resolve_directions
 from modus_mega.eval.suites import HELD_OUT_SEED, SynthSuite
-from modus_mega.tokenizers.text import train_tiny_text_tokenizer
-from tests.convert.helpers import random_reference, tiny_config
+from tests.conftest import REPO
 
 DIRECTIONS = "rgb:depth,rgb:caption,caption:rgb,rgb:grounding,depth:seg"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny model with its VAE and a caption tokenizer trained on synthetic captions."""
-    root = tmp_path_factory.mktemp("bench")
-    cfg = tiny_config()
-    config = synth.SynthConfig(image_size=32, feature_grid=4)
-    texts = [c for i in range(12) for c in synth.generate_sample(i, config)[2]["caption"]]  # type: ignore[union-attr]
-    tokenizer = train_tiny_text_tokenizer(texts, cfg.model.vocab.text_vocab_size, root / "tok")
-    model, vae = random_reference(cfg)
-    return save_pretrained(model.eval(), vae.eval(), root / "hf", tokenizer_dir=tokenizer)
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -102,3 +88,12 @@ def test_grid_is_every_ordered_pair_and_scenes_are_held_out(tmp_path: Path) -> N
     training = synth.generate_sample(0, synth.SynthConfig(image_size=32))[1]
     held_out = synth.generate_sample(0, synth.SynthConfig(image_size=32, seed=HELD_OUT_SEED))[1]
     assert (training.rgb != held_out.rgb).any() and (held_out.rgb == scenes[0].truth["rgb"]).all()
+
+
+def test_a_checkpoint_without_vae_takes_the_runs_seeded_vae(checkpoint_without_vae: Path, tmp_path: Path, capsys) -> None:
+    common = ["--ckpt", str(checkpoint_without_vae), "--num-scenes", "1", "--image-size", "32", "--steps", "1",
+              "--directions", "rgb:depth", "--out", str(tmp_path)]  # fmt: skip
+    code, _, err = _run(capsys, *common)
+    assert code == 2 and "has no VAE" in err and "give --config" in err
+    code, printed, _ = _run(capsys, *common, "--config", str(REPO / "configs" / "tiny.json"))
+    assert code == 0 and "| rgb |" in printed
