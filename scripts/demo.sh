@@ -13,3 +13,7 @@ DATA=runs/demo/data
   --out runs/demo/text_tokenizer --vocab-size 512
 [ -f runs/demo/vq/vq.json ] || $PY -m modus_mega.datasets.train_vq --shards $DATA --out runs/demo/vq --codebook-size 32
 $PY launch/pretrain.py --config configs/tiny_shards.json "$@"
+# Evaluate the trained model on held-out synthetic scenes (about a minute) and print the table.
+$PY -m modus_mega.convert to-hf runs/demo runs/demo/hf --overwrite --quiet
+$PY -m modus_mega.eval --ckpt runs/demo/hf --config configs/tiny_shards.json --num-scenes 4 --steps 10 --quiet \
+  --directions rgb:depth,rgb:normal,rgb:seg,rgb:sam_edge,rgb:caption,caption:rgb --out runs/demo/eval

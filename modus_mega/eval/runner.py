@@ -86,6 +86,12 @@ def resolve_directions(directions: Sequence[Direction] | None, scenes: Sequence[
     return list(directions)
 
 
+def _has(scene: EvalScene, direction: Direction) -> bool:
+    """Whether ``scene`` can give ``direction``'s conditions and score its target."""
+    conditions = [n for n in direction.steps[:-1] if n != ANY_SOURCE]
+    return all(n in scene.sample.available() for n in conditions) and direction.target in scene.truth
+
+
 def _run(
     predict: Predict, scenes: Sequence[EvalScene], info: SuiteInfo, tokenizers: ModalityTokenizers | None,
     directions: Sequence[Direction], results: SuiteResults, progress: bool,
@@ -94,8 +100,7 @@ def _run(
     with tqdm(total=len(directions) * len(scenes), desc=f"eval {results.suite}", unit="gen", disable=not progress) as bar:
         for direction in directions:
             scorer = SCORERS[direction.target]
-            needed = [n for n in direction.steps if n != ANY_SOURCE]
-            used = [(i, s) for i, s in enumerate(scenes) if all(n in s.sample.available() for n in needed)]
+            used = [(i, s) for i, s in enumerate(scenes) if _has(s, direction)]
             preds = []
             for i, scene in used:
                 preds.append(predict(direction, i, scene))
@@ -142,15 +147,16 @@ def run_baseline(
     name: str, scenes: Sequence[EvalScene], info: SuiteInfo,
     directions: Sequence[Direction] | None = None, suite: str = "synth", progress: bool = True,
 ) -> SuiteResults:  # fmt: skip
-    """Score baseline ``name`` on each target of ``directions`` it covers, once: one row of source ``*``."""
+    """Score baseline ``name`` once per target (of ``directions``, else of the scenes' truth) it covers: source ``*``."""
     predictors = baseline(name)
-    targets = {d.target for d in resolve_directions(directions, scenes)}
+    truths = {n for s in scenes for n in s.truth}
+    targets = truths if directions is None else {d.target for d in directions} & truths
     chosen = [Direction((ANY_SOURCE, t)) for t in sorted(targets, key=modality_names().index) if t in predictors]
     cache: dict[str, list[Payload]] = {}
 
     def predict(direction: Direction, index: int, scene: EvalScene) -> Payload:
         if direction.target not in cache:
-            cache[direction.target] = predictors[direction.target](direction.target, scenes)
+            cache[direction.target] = predictors[direction.target](direction.target, scenes, Context(info, None))
         return cache[direction.target][index]
 
     results = SuiteResults(suite, f"baseline:{name}", len(scenes), {"baseline": name})

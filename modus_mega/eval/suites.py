@@ -85,12 +85,14 @@ def _facts(visible: Sequence[synth.VisibleObject], width: int, colours: Sequence
     return SceneFacts(tuple(ObjectFact(v.obj.colour, v.obj.shape) for v in kept), relations)
 
 
-def scene_class(visible: Sequence[synth.VisibleObject]) -> int:
-    """The k-NN class of a synthetic scene: 1 + the shape index of its visible object of largest box (0: none)."""
-    if not visible:
-        return 0
-    largest = max(visible, key=lambda v: float((v.box[2] - v.box[0]) * (v.box[3] - v.box[1])))
-    return 1 + synth.SHAPES.index(largest.obj.shape)
+def scene_class(seg: np.ndarray) -> int:
+    """The k-NN class of a synthetic scene: the object class (sphere, cube, cylinder) covering most pixels, 0 if none.
+
+    Class ids are the seg ids minus the first object class, plus one (0: no object visible).
+    """
+    first = synth.CLASS_NAMES.index(synth.SHAPES[0])
+    counts = np.bincount(seg.ravel(), minlength=len(synth.CLASS_NAMES))[first:]
+    return 1 + int(counts.argmax()) if counts.any() else 0
 
 
 @dataclass
@@ -147,7 +149,7 @@ class SynthSuite:
             valid=valid,
             facts=_facts(visible, width, None),
             geneval_facts=_facts(visible, width, self._checkable),
-            scene_class=scene_class(visible),
+            scene_class=scene_class(rendering.seg),
             expression=expression,
         )
 

@@ -77,6 +77,16 @@ def test_baselines_score_the_floor_without_a_model(tmp_path: Path, capsys) -> No
     assert "| * |" in printed
 
 
+def test_the_oracle_scores_perfectly_where_the_metric_is_exact(tmp_path: Path, capsys) -> None:
+    code, _, _ = _run(capsys, "--baseline", "oracle", "--num-scenes", "4", "--image-size", "32", "--out", str(tmp_path))
+    assert code == 0
+    rows = {r["target"]: r for r in json.loads((tmp_path / "results.json").read_text())["directions"]}
+    assert len(rows) == 15  # every modality of the synthetic scenes, 1D ones without any tokenizer
+    exact = ("depth", "seg", "sam_seg", "canny", "sam_edge", "caption", "detection", "grounding", "dinov2_local")
+    assert all(rows[n]["value"] == 1.0 for n in exact) and rows["normal"]["value"] == 100.0
+    assert rows["depth"]["scores"]["abs_rel"] < 1e-6 and rows["clip_global"]["scores"]["cosine"] > 0.999
+
+
 def test_grid_is_every_ordered_pair_and_scenes_are_held_out(tmp_path: Path) -> None:
     scenes = SynthSuite(2, image_size=32).scenes(None)
     directions = resolve_directions(None, scenes)
