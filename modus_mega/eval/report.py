@@ -74,7 +74,7 @@ def heatmap(results: SuiteResults, path: Path) -> None:
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_xlabel("target")
     ax.set_ylabel("source")
-    ax.set_title(f"{results.suite}: {Path(results.model).name or results.model}", fontsize=9)
+    ax.set_title(f"{results.model} on {results.suite} ({results.num_scenes} scenes)", fontsize=9)
     fig.colorbar(image, ax=ax, label="headline / best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
