@@ -14,7 +14,6 @@ whose message the page shows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -23,8 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from modus_mega.generate.__main__ import _tokenizers
-from modus_mega.generate.checkpoint import CheckpointFiles, load, locate
+from modus_mega.generate.checkpoint import CheckpointFiles, load, load_tokenizers, locate
 from modus_mega.generate.requests import check_targets, read_conditions
 from modus_mega.inference.generator import Generator, Settings
 from modus_mega.inference.guidance import GuidanceConfig
@@ -73,7 +71,7 @@ class DemoSession:
     def __init__(self, ckpt: Path, ema: bool = False, size: int = 64, device: str = "cpu") -> None:
         self.files: CheckpointFiles = locate(ckpt, ema)
         self.size = (size, size)
-        self.tokenizers, self.quantizers = _tokenizers(self.files, argparse.Namespace(text_tokenizer=None, vq=None))
+        self.tokenizers, self.quantizers = load_tokenizers(self.files)
         device_ = torch.device(device)
         model, vae = load(self.files, device_)
         llm = self.files.model.llm

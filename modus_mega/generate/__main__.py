@@ -15,24 +15,25 @@ does for a bad flag. ``--held-out`` generates a training run's held-out scenes
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from modus_mega.generate.checkpoint import CheckpointFiles, load, locate
+from modus_mega.generate.checkpoint import load, load_tokenizers, locate
 from modus_mega.generate.requests import check_targets, read_conditions
-from modus_mega.inference.generator import Generator, Settings
+from modus_mega.inference.generator import GeneratedTarget, Generator, Settings
 from modus_mega.inference.guidance import GuidanceConfig
 from modus_mega.inference.outputs import OutputContext, Request, write_contact_sheet, write_request
 from modus_mega.inference.pictures import DEFAULT_FOV_DEGREES
 from modus_mega.inference.token_sampling import TokenSampling
-from modus_mega.modalities import feature_modalities
+from modus_mega.inference.verification import GroundingVerifier, LikelihoodVerifier, Verifier, best_of_n
+from modus_mega.modalities import modality
 from modus_mega.ops.attention import get_attention_backend
 from modus_mega.tokenizers import ModalityTokenizers
-from modus_mega.tokenizers.vq import FeatureQuantizer, load_quantizers
+from modus_mega.tokenizers.vq import FeatureQuantizer
 from modus_mega.training.samples import held_out_requests
-from modus_mega.vocab import build_vocabulary
 
 PROG = "python -m modus_mega.generate"
 CONTACT_SHEET = "contact_sheet.png"
@@ -49,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", action="store_true",
                    help="instead of --cond / --target: a training run's held-out scenes (training/samples.py), ground truth shown")
     p.add_argument("--chain", action="store_true", help="each finished target becomes a condition of the next")
-    p.add_argument("--best-of", type=int, default=1, metavar="N", help="candidates per target, scored by self-verification")
+    p.add_argument("--best-of", type=int, default=1, metavar="N", help="candidates per 2D target, scored by self-verification")
+    p.add_argument("--verifier", choices=("likelihood", "grounding"), default="likelihood",
+                   help="best-of-N score: log-probability of the caption condition given the candidate, or the share "
+                        "of the caption's objects and left/right relations the model's own boxes confirm")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     p.add_argument("--steps", type=int, default=30, help="flow steps per 2D target")
     p.add_argument("--shift", type=float, default=1.0, help="timestep shift of the flow grid (BAGEL samples with 3)")
@@ -69,30 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p  # fmt: skip
 
 
-def _tokenizers(files: CheckpointFiles, args: argparse.Namespace) -> tuple[ModalityTokenizers | None, dict[str, FeatureQuantizer]]:
-    """The text tokenizer and feature codebooks of the checkpoint (or of the flags)."""
-    vocab = build_vocabulary(files.model.vocab)
-    text_dir = args.text_tokenizer or files.text_dir
-    vq_dir = args.vq or files.vq_dir
-    if vq_dir is not None and not vq_dir.is_dir():
-        raise ValueError(f"feature codebook directory {vq_dir} does not exist; pass --vq DIR")
-    present = [] if vq_dir is None else [n for n in feature_modalities() if (vq_dir / f"{n}.safetensors").is_file()]
-    quantizers = load_quantizers(vq_dir, vocab, present) if vq_dir is not None else {}
-    if text_dir is None:
-        return None, quantizers
-    tokenizers = ModalityTokenizers.load(vocab, text_dir, None)
-    tokenizers.quantizers = quantizers
-    return tokenizers, quantizers
-
-
 def run(args: argparse.Namespace) -> Path:
     """Check, load, generate and write the request(s); returns the contact sheet's path."""
-    if args.best_of != 1:
-        raise ValueError(
-            "--best-of > 1 needs self-verification (inference/verification.py), which this build lacks; use --best-of 1"
-        )
+    if args.best_of < 1:
+        raise ValueError(f"--best-of {args.best_of}: give at least 1 candidate (1 is plain generation)")
+    if args.best_of > 1 and args.chain:
+        raise ValueError("--best-of picks each target on its own; drop --chain or use --best-of 1")
     files = locate(args.ckpt, args.ema)
-    tokenizers, quantizers = _tokenizers(files, args)
+    tokenizers, quantizers = load_tokenizers(files, args.text_tokenizer, args.vq)
     requests, size = _held_out(files, args) if args.held_out else _requested(files, args, tokenizers, quantizers)
     settings = Settings(
         image_size=size, steps=args.steps, shift=args.shift, guidance=GuidanceConfig(scales=(args.guidance,)),
@@ -110,10 +98,41 @@ def run(args: argparse.Namespace) -> Path:
     ctx = OutputContext(tokenizers, size, settings.feature_grid, args.fov, model.vocab, quantizers)
     rows = []
     for request in requests:
-        generation = generator.generate(request.conditions, request.order, request.targets, settings, request.expressions)
         out = args.out if len(requests) == 1 else args.out / request.conditions.key
-        rows.append(write_request(out, request, generation.targets, ctx))
+        if args.best_of > 1:
+            targets = _best_of(generator, request, settings, args, tokenizers, out)
+        else:
+            targets = generator.generate(request.conditions, request.order, request.targets, settings, request.expressions).targets
+        rows.append(write_request(out, request, targets, ctx))
     return write_contact_sheet(args.out / CONTACT_SHEET, rows)
+
+
+def _best_of(
+    generator: Generator, request: Request, settings: Settings, args: argparse.Namespace,
+    tokenizers: ModalityTokenizers | None, out: Path,
+) -> list[GeneratedTarget]:  # fmt: skip
+    """Each target as the best of ``--best-of`` candidates under ``--verifier``; the scores go to ``best_of.json``.
+
+    The verifier's prompt is the request's caption condition, which both verifiers need.
+    """
+    caption_ids = request.conditions.tokens.get("caption")
+    if not caption_ids or tokenizers is None:
+        raise ValueError("--best-of needs a caption condition (--cond caption=\"...\") and the checkpoint's text tokenizer")
+    verifier: Verifier = (
+        LikelihoodVerifier(caption_ids) if args.verifier == "likelihood"
+        else GroundingVerifier(tokenizers.text.decode(caption_ids), tokenizers.text)
+    )  # fmt: skip
+    chosen, report = [], {}
+    for name in request.targets:
+        if modality(name).family == "1d":
+            raise ValueError(f"--best-of scores generated images; {name} is a 1D target: generate it with --best-of 1")
+        verified = best_of_n(generator, request.conditions, request.order, name, settings, args.best_of, verifier,
+                             request.expressions)  # fmt: skip
+        chosen.append(verified.generation.targets[0])
+        report[name] = {"verifier": args.verifier, "scores": verified.scores, "best": verified.best}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "best_of.json").write_text(json.dumps(report, indent=1) + "\n")
+    return chosen
 
 
 def _requested(

@@ -30,7 +30,11 @@ from modus_mega.convert.deepspeed_run import DeepSpeedRunSource, is_run_dir
 from modus_mega.convert.hf import CONFIG_FILE, VQ_DIR, load_model, load_pretrained, read_hf_config
 from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.model.modus import ModusModel
-from modus_mega.training.engine import seeded_vae
+from modus_mega.modalities import feature_modalities
+from modus_mega.tokenizers import ModalityTokenizers
+from modus_mega.tokenizers.vq import FeatureQuantizer, load_quantizers
+from modus_mega.vocab import build_vocabulary
+from modus_mega.model.init import seeded_vae
 
 RUN_CONFIG = "config.json"  # the resolved config a training run writes into its directory
 TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either marks a tokenizer directory
@@ -93,3 +97,24 @@ def load(files: CheckpointFiles, device: torch.device) -> tuple[ModusModel, Flux
     with DeepSpeedRunSource(files.path, ema=files.ema) as source:
         model, vae = load_model(files.model, source, source.has_vae, device)
     return model, vae if vae is not None else seeded_vae(files.run).to(device)
+
+
+def load_tokenizers(
+    files: CheckpointFiles, text_dir: Path | None = None, vq_dir: Path | None = None
+) -> tuple[ModalityTokenizers | None, dict[str, FeatureQuantizer]]:
+    """The text tokenizer and feature codebooks of the checkpoint, or of the directories given instead.
+
+    Returns (None, codebooks) for a checkpoint without a text tokenizer: feature targets still decode.
+    """
+    vocab = build_vocabulary(files.model.vocab)
+    text_dir = text_dir or files.text_dir
+    vq_dir = vq_dir or files.vq_dir
+    if vq_dir is not None and not vq_dir.is_dir():
+        raise ValueError(f"feature codebook directory {vq_dir} does not exist; pass --vq DIR")
+    present = [] if vq_dir is None else [n for n in feature_modalities() if (vq_dir / f"{n}.safetensors").is_file()]
+    quantizers = load_quantizers(vq_dir, vocab, present) if vq_dir is not None else {}
+    if text_dir is None:
+        return None, quantizers
+    tokenizers = ModalityTokenizers.load(vocab, text_dir, None)
+    tokenizers.quantizers = quantizers
+    return tokenizers, quantizers

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from modus_mega.config import ModusConfig
+from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.model.embeddings import SinCos2DPositionEmbedding
 from modus_mega.model.layers import RMSNorm
 from modus_mega.seeding import derive_seed
@@ -57,3 +59,14 @@ def init_weights(
                 generator = torch.Generator().manual_seed(derive_seed(seed, name))
                 full = torch.empty(shape).normal_(0.0, std, generator=generator)
             param.copy_(shard(param, full))
+
+
+def seeded_vae(cfg: ModusConfig) -> FluxAutoEncoder:
+    """The frozen VAE of a run started from the seeded init (no BAGEL release), on the CPU.
+
+    Training builds it from ``training.seed`` and never updates it, so evaluating such a run
+    rebuilds it here instead of reading it from the checkpoint (which holds no VAE).
+    """
+    vae = FluxAutoEncoder(cfg.model.vae)
+    init_weights(vae, cfg.training.seed, cfg.model.llm.init_std, prefix="vae.")
+    return vae.requires_grad_(False).eval()

@@ -29,7 +29,7 @@ from torch import Tensor
 from modus_mega.config import ModusConfig
 from modus_mega.convert.run_init import init_from_bagel
 from modus_mega.encoders.vae import FluxAutoEncoder
-from modus_mega.model.init import init_weights
+from modus_mega.model.init import init_weights, seeded_vae
 from modus_mega.model.inputs import ModelInputs
 from modus_mega.model.modus import ModusModel
 from modus_mega.model.layers import LinearFactory
@@ -71,13 +71,6 @@ def select_linears(cfg: ModusConfig, ctx: ParallelContext) -> LinearFactory:
 def build_vae(cfg: ModusConfig, ctx: ParallelContext) -> FluxAutoEncoder:
     """The frozen VAE on this rank's device, initialised from ``training.seed``."""
     return seeded_vae(cfg).to(ctx.device)
-
-
-def seeded_vae(cfg: ModusConfig) -> FluxAutoEncoder:
-    """The frozen VAE of a run without ``init.bagel_dir`` (its weights are a function of ``training.seed``), on CPU."""
-    vae = FluxAutoEncoder(cfg.model.vae)
-    init_weights(vae, cfg.training.seed, cfg.model.llm.init_std, prefix="vae.")
-    return vae.requires_grad_(False).eval()
 
 
 def deepspeed_config(cfg: ModusConfig, ctx: ParallelContext) -> dict[str, Any]:

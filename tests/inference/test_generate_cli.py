@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -70,6 +71,15 @@ def test_every_output_is_written(checkpoints: dict[str, Path], tmp_path: Path) -
     assert sheet.size[0] > 7 * SIZE  # two conditions and five targets side by side
 
 
+def test_best_of_n_keeps_the_best_candidate_and_writes_the_scores(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    main(_args(checkpoints["full"], out, "--cond", "caption=two green spheres", "--target", "depth", "--best-of", "2"))
+    report = json.loads((out / "best_of.json").read_text())["depth"]
+    assert report["verifier"] == "likelihood" and len(report["scores"]) == 2
+    assert report["best"] == report["scores"].index(max(report["scores"]))
+    assert Image.open(out / "depth.png").size == (SIZE, SIZE)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -78,7 +88,8 @@ def test_every_output_is_written(checkpoints: dict[str, Path], tmp_path: Path) -
         (["--cond", "big", "--target", "depth"], "64x64 px but the generation size is 32x32"),
         (["--cond", "rgb", "--target", "dinov2_global"], "needs its feature codebook"),
         (["--cond", "rgb", "--target", "grounding"], "referring expression"),
-        (["--target", "depth", "--best-of", "4"], "--best-of > 1"),
+        (["--cond", "rgb", "--target", "depth", "--best-of", "2"], "--best-of needs a caption condition"),
+        (["--cond", "rgb", "--target", "depth", "--best-of", "2", "--chain"], "drop --chain"),
     ],
 )
 def test_a_refused_request_is_one_line_and_status_2(
