@@ -17,7 +17,6 @@ $PY launch/pretrain.py --config configs/tiny_shards.json "$@"
 $PY -m modus_mega.generate --ckpt runs/demo --held-out --steps 20 --quiet --out runs/demo/generated
 echo "Generated from held-out scenes (conditions | generated | ground truth): runs/demo/generated/contact_sheet.png"
 # Evaluate the trained model on held-out synthetic scenes (about a minute) and print the table.
-$PY -m modus_mega.convert to-hf runs/demo runs/demo/hf --overwrite --quiet
-$PY -m modus_mega.eval --ckpt runs/demo/hf --config configs/tiny_shards.json --num-scenes 4 --steps 10 --quiet \
+$PY -m modus_mega.eval --ckpt runs/demo --num-scenes 4 --steps 10 --quiet \
   --directions rgb:depth,rgb:normal,rgb:seg,rgb:sam_edge,rgb:caption,caption:rgb --out runs/demo/eval
 echo "Browser demo of the trained model: .venv/bin/python -m modus_mega.demo --ckpt runs/demo, then open http://127.0.0.1:7860"

@@ -17,7 +17,8 @@ from modus_mega.tokenizers import ModalityTokenizers
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Checkpoint, data, suite and sampling options."""
-    parser.add_argument("--ckpt", help="MODUS checkpoint in the Hugging Face layout (python -m modus_mega.convert to-hf)")
+    parser.add_argument("--ckpt", help="MODUS checkpoint in the Hugging Face layout (convert to-hf) or a training run directory")
+    parser.add_argument("--ema", action="store_true", help="a training run's EMA weights instead of its weights")
     parser.add_argument("--config", help="the run's config JSON: its data section (condition mode, tokenizer, codebooks)")
     parser.add_argument("--text-tokenizer", help="caption tokenizer directory (default: the config's, else --ckpt)")
     parser.add_argument("--vq-dir", help="feature codebook directory (default: the config's; none: no feature modalities)")
@@ -49,11 +50,11 @@ class Opened:
 def open_from_args(args: argparse.Namespace, need_model: bool = True) -> Opened:
     """Open the suite (and the checkpoint when ``need_model``); any refusal raises ValueError."""
     if need_model and not args.ckpt:
-        raise ValueError("give --ckpt DIR (a MODUS checkpoint in the Hugging Face layout)")
+        raise ValueError("give --ckpt DIR (a MODUS checkpoint in the Hugging Face layout, or a training run directory)")
     suite = open_suite(args.suite, args.num_scenes, args.data_dir, args.image_size, args.feature_grid, args.scene_seed)
     generator = tokenizers = None
     if need_model:
         run = load_run_config(args.config)
-        generator, tokenizers = load_generator(args.ckpt, run, args.text_tokenizer, args.vq_dir, args.condition_mode, args.device)
+        generator, tokenizers = load_generator(args.ckpt, run, args.text_tokenizer, args.vq_dir, args.condition_mode, args.device, args.ema)
     scenes = suite.scenes(tokenizers)
     return Opened(suite, scenes, generator, tokenizers, Settings(steps=args.steps, seed=args.seed))

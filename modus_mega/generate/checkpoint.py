@@ -29,12 +29,12 @@ from modus_mega.config import DataConfig, ModelConfig, ModusConfig, load_config
 from modus_mega.convert.deepspeed_run import DeepSpeedRunSource, is_run_dir
 from modus_mega.convert.hf import CONFIG_FILE, VQ_DIR, load_model, load_pretrained, read_hf_config
 from modus_mega.encoders.vae import FluxAutoEncoder
+from modus_mega.model.init import seeded_vae
 from modus_mega.model.modus import ModusModel
 from modus_mega.modalities import feature_modalities
 from modus_mega.tokenizers import ModalityTokenizers
 from modus_mega.tokenizers.vq import FeatureQuantizer, load_quantizers
 from modus_mega.vocab import build_vocabulary
-from modus_mega.model.init import seeded_vae
 
 RUN_CONFIG = "config.json"  # the resolved config a training run writes into its directory
 TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either marks a tokenizer directory

@@ -48,7 +48,7 @@ def test_benchmark_writes_results_table_and_heatmap(checkpoint: Path, tmp_path: 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--ckpt", "/nonexistent/ckpt"], "checkpoint /nonexistent/ckpt does not exist"),
+        (["--ckpt", "/nonexistent/ckpt"], "--ckpt /nonexistent/ckpt: no such directory"),
         (["--suite", "imagenet"], "unknown suite 'imagenet'"),
         (["--directions", "rgb:heatmap"], "unknown modality 'heatmap' in direction 'rgb:heatmap'"),
         (["--suite", "nyuv2", "--data-dir", "/nonexistent/nyu"], "--data-dir /nonexistent/nyu is not a directory"),
