@@ -6,7 +6,7 @@
 | name | paper | variants | default directions |
 |---|---|---|---|
 | ``chained`` | Table 2 | ``rgb:normal`` direct vs ``rgb:depth:normal`` chained | (fixed) |
-| ``best_of_n`` | Table 3 | best-of-N with each verifier | refused: needs ``inference/verification.py`` |
+| ``best_of_n`` | Table 3 | best-of-1, best-of-N (``--candidates``) with the likelihood and the grounding verifier | caption -> rgb |
 | ``condition_mode`` | Table 4 | ``data.condition_mode_2d`` = vit, vae, both | rgb -> depth, normal, seg, caption |
 | ``steps`` | Figure 9 | flow steps 1, 2, 3, 5, 10, 20, 50 (``--step-list``) | rgb:depth, rgb:normal, caption:rgb |
 
@@ -40,20 +40,16 @@ class Ablation:
     directions: str
     run: Callable[[Opened, list[Direction], argparse.Namespace], dict[str, SuiteResults]]
     by_target: bool = False  # table columns are targets (variants run different directions to one target)
-    refusal: str = ""  # why it cannot run in this tree ("" = it can)
-
-
-def _not_built(opened: Opened, directions: list[Direction], args: argparse.Namespace) -> dict[str, SuiteResults]:
-    raise AssertionError("refused ablations never run")
 
 
 def _suite(opened: Opened, directions: list[Direction], args: argparse.Namespace, generator: Generator | None = None,
-           **settings: object) -> SuiteResults:  # fmt: skip
-    """One run of the suite with ``settings`` replaced (and another generator, when given)."""
+           candidates: int = 1, verifier: str = "likelihood", **settings: object) -> SuiteResults:  # fmt: skip
+    """One run of the suite with ``settings`` replaced (another generator, best-of-N candidates, when given)."""
     assert opened.generator is not None
     return run_suite(
         generator or opened.generator, opened.tokenizers, opened.scenes, opened.suite.info, directions,
         dataclasses.replace(opened.settings, **settings), args.suite, str(args.ckpt), not args.quiet,
+        candidates, verifier,
     )  # fmt: skip
 
 
@@ -63,6 +59,16 @@ def _chained(opened: Opened, directions: list[Direction], args: argparse.Namespa
     if not direct or not chained:
         raise ValueError("chained compares direct SOURCE:TARGET with chained SOURCE:MIDDLE:TARGET directions; give both")
     return {"direct": _suite(opened, direct, args), "chained": _suite(opened, chained, args)}
+
+
+def _best_of_n(opened: Opened, directions: list[Direction], args: argparse.Namespace) -> dict[str, SuiteResults]:
+    if args.candidates < 2:
+        raise ValueError(f"--candidates {args.candidates}: best-of-N compares N >= 2 candidates with best-of-1")
+    n = args.candidates
+    out = {"best_of_1": _suite(opened, directions, args)}
+    for verifier in ("likelihood", "grounding"):
+        out[f"{verifier}_best_of_{n}"] = _suite(opened, directions, args, candidates=n, verifier=verifier)
+    return out
 
 
 def _condition_mode(opened: Opened, directions: list[Direction], args: argparse.Namespace) -> dict[str, SuiteResults]:
@@ -92,11 +98,7 @@ def _step_list(text: str) -> list[int]:
 
 ABLATIONS: dict[str, Ablation] = {
     "chained": Ablation("rgb:normal,rgb:depth:normal", _chained, by_target=True),
-    "best_of_n": Ablation(
-        "rgb:depth,rgb:normal", _not_built,
-        refusal="best_of_n (Table 3) needs best-of-N verification (modus_mega/inference/verification.py), which this "
-        "tree does not have yet; run chained, condition_mode or steps",
-    ),  # fmt: skip
+    "best_of_n": Ablation("caption:rgb", _best_of_n),
     "condition_mode": Ablation("rgb:depth,rgb:normal,rgb:seg,rgb:caption", _condition_mode),
     "steps": Ablation("rgb:depth,rgb:normal,caption:rgb", _steps),
 }
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("name", help=f"the ablation: {', '.join(ABLATIONS)}")
     add_common_arguments(parser)
     parser.add_argument("--directions", help="override the ablation's directions (SOURCE:TARGET list)")
+    parser.add_argument("--candidates", type=int, default=4, help="best_of_n ablation: candidates per target (N)")
     parser.add_argument("--step-list", default=",".join(map(str, PAPER_STEPS)), help="steps ablation: flow step counts")
     return parser
 
@@ -119,8 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.name not in ABLATIONS:
             raise ValueError(f"unknown ablation {args.name!r}; choose one of {list(ABLATIONS)}")
         ablation = ABLATIONS[args.name]
-        if ablation.refusal:
-            raise ValueError(ablation.refusal)
         directions = parse_directions(args.directions or ablation.directions)
         if args.name == "steps":
             _step_list(args.step_list)  # refuse before loading anything

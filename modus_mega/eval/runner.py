@@ -23,6 +23,7 @@ from modus_mega.eval.baselines import baseline
 from modus_mega.eval.directions import Direction, check_supported, grid
 from modus_mega.eval.scoring import SCORERS, Context
 from modus_mega.eval.suites import EvalScene, SuiteInfo
+from modus_mega.inference.verification import GroundingVerifier, LikelihoodVerifier, Verifier, best_of_n
 from modus_mega.inference.generator import Generator, Settings
 from modus_mega.modalities import modality_names
 from modus_mega.modalities.values import Payload
@@ -120,9 +121,13 @@ def _run(
 def run_suite(
     generator: Generator, tokenizers: ModalityTokenizers, scenes: Sequence[EvalScene], info: SuiteInfo,
     directions: Sequence[Direction] | None = None, settings: Settings | None = None, suite: str = "synth",
-    model: str = "", progress: bool = True,
+    model: str = "", progress: bool = True, candidates: int = 1, verifier: str = "likelihood",
 ) -> SuiteResults:  # fmt: skip
-    """Generate every direction's target for every scene with ``generator`` and score it."""
+    """Generate every direction's target for every scene with ``generator`` and score it.
+
+    ``candidates`` > 1: each target is the best of that many under ``verifier`` (``likelihood`` or
+    ``grounding``, prompted with the scene's caption: ``inference/verification.py``).
+    """
     settings = settings or Settings()
     settings = dataclasses.replace(settings, image_size=info.image_size, feature_grid=info.feature_grid)
     chosen = resolve_directions(directions, scenes)
@@ -132,15 +137,35 @@ def run_suite(
         per_scene = dataclasses.replace(
             settings, seed=derive_seed("eval", settings.seed, index), chain=settings.chain or len(direction.steps) > 2
         )
-        out = generator.generate(
-            scene.sample, [direction.source], list(direction.steps[1:]), per_scene, {"grounding": scene.expression}
-        ).targets[-1]
+        expressions = {"grounding": scene.expression}
+        if candidates > 1:
+            if len(direction.steps) != 2:
+                raise ValueError(f"best-of-N picks direct SOURCE:TARGET generations; {direction} is chained")
+            judge = _verifier(verifier, scene, tokenizers)
+            verified = best_of_n(generator, scene.sample, [direction.source], direction.target, per_scene, candidates,
+                                 judge, expressions)  # fmt: skip
+            return SCORERS[direction.target].decode(verified.generation.targets[-1], scene, ctx)
+        out = generator.generate(scene.sample, [direction.source], list(direction.steps[1:]), per_scene, expressions).targets[-1]
         return SCORERS[direction.target].decode(out, scene, ctx)
 
     record = {k: v for k, v in dataclasses.asdict(settings).items() if k in ("steps", "shift", "solver", "seed", "chain")}
+    if candidates > 1:
+        record |= {"best_of": candidates, "verifier": verifier}
     record["condition_mode_2d"] = generator.data.condition_mode_2d
     results = SuiteResults(suite, model, len(scenes), record)
     return _run(predict, scenes, info, tokenizers, chosen, results, progress)
+
+
+def _verifier(name: str, scene: EvalScene, tokenizers: ModalityTokenizers) -> Verifier:
+    """The best-of-N verifier ``name`` prompted with ``scene``'s caption."""
+    caption = scene.sample.tokens.get("caption")
+    if not caption:
+        raise ValueError(f"best-of-N verification needs the scene's caption; {scene.key} has none")
+    if name == "likelihood":
+        return LikelihoodVerifier(caption)
+    if name == "grounding":
+        return GroundingVerifier(tokenizers.text.decode(caption), tokenizers.text)
+    raise ValueError(f"unknown verifier {name!r}; choose likelihood or grounding")
 
 
 def run_baseline(

@@ -39,10 +39,21 @@ def test_chained_and_condition_mode_variants(checkpoint: Path, tmp_path: Path, c
     assert {k: v["settings"]["condition_mode_2d"] for k, v in modes.items()} == {"vit": "vit", "vae": "vae", "both": "both"}
 
 
+def test_best_of_n_compares_best_of_1_with_each_verifier(checkpoint: Path, tmp_path: Path) -> None:
+    assert main(["best_of_n", "--ckpt", str(checkpoint), "--steps", "1", "--candidates", "2", *FAST,
+                 "--out", str(tmp_path)]) == 0  # fmt: skip
+    variants = json.loads((tmp_path / "ablation.json").read_text())["variants"]
+    assert list(variants) == ["best_of_1", "likelihood_best_of_2", "grounding_best_of_2"]
+    assert "best_of" not in variants["best_of_1"]["settings"]
+    assert variants["grounding_best_of_2"]["settings"]["verifier"] == "grounding"
+    assert variants["grounding_best_of_2"]["settings"]["best_of"] == 2
+    assert [r["direction"] for r in variants["likelihood_best_of_2"]["directions"]] == ["caption:rgb"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["best_of_n"], "needs best-of-N verification"),
+        (["best_of_n", "--candidates", "1"], "--candidates 1"),
         (["ablate_everything"], "unknown ablation 'ablate_everything'"),
         (["steps", "--step-list", "0,x"], "--step-list '0,x' must be positive integers"),
         (["chained", "--directions", "rgb:normal"], "give both"),
