@@ -99,6 +99,16 @@ class ModusModel(nn.Module):
         return torch.cat(normed)[ctx.unpermute]
 
 
+def decoder_layers(m: nn.Module) -> dict[int, MoTLayer]:
+    """The decoder layers ``m`` holds by global index: all of a ``ModusModel``'s, or a pipeline stage's own.
+
+    A model keeps them in a ``ModuleList``; a stage in a ``ModuleDict`` keyed by global index.
+    """
+    layers = m.layers
+    items = layers.items() if isinstance(layers, nn.ModuleDict) else enumerate(layers)
+    return {int(index): layer for index, layer in items}
+
+
 # ----------------------------------------------------------------------------- the ends of the model
 # Free functions over the modules they read, so a pipeline stage holding those modules under
 # the same names (``parallel/pipeline.py``) runs the model's own code.

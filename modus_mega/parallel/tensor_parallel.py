@@ -1,6 +1,6 @@
 """Tensor parallelism with Megatron-core layers, applied from outside the model (STYLE 1, 2).
 
-Order of use (``training/engine.py`` follows it):
+Order of use (``parallel/build.py`` follows it):
 
 1. ``build_linears(ctx)`` -> the ``LinearFactory`` the model is built with: q/k/v, gate/up
    and the LM head column-parallel (output features split), o and down row-parallel
@@ -39,12 +39,12 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from torch import Tensor, nn
 
 from modus_mega.config import LLMConfig
+from modus_mega.losses import CrossEntropyFn, serial_cross_entropy
 from modus_mega.model.init import FullShapeFn, ShardFn
 from modus_mega.model.layers import SERIAL_LINEARS, Collectives, LinearFactory
 from modus_mega.model.mot import MoTExpert
 from modus_mega.parallel.collectives import SequenceParallelCollectives, TensorParallelCollectives
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.training.losses import CrossEntropyFn, serial_cross_entropy
 
 
 def _no_init(weight: Tensor) -> None:

@@ -65,7 +65,7 @@ layer) leaves out the bf16 gradient partition and the persistent tensors and cou
 gathered largest layer, which is an engine buffer here.
 
 **EMA** weights are fp32 copies of the trainable weights. ``sharded`` (the default, what
-``training/ema.py`` does) keeps them partitioned like the fp32 master weights: each dp
+``parallel/ema.py`` does) keeps them partitioned like the fp32 master weights: each dp
 rank averages the weights its optimizer owns, padding excluded (ZeRO 1/2: the real
 elements of its range of the flat buffer; ZeRO 3: of its slice of each tensor; without
 ZeRO every rank owns all of them); ``replicated`` keeps a full copy per tp/pp shard on

@@ -10,8 +10,6 @@ Shapes: T packed tokens, N_vae 2D tokens, P latent patch dim, I_vae images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -20,20 +18,7 @@ from modus_mega.data.documents import IGNORE_LABEL
 from modus_mega.data.packing import PackedBatch
 from modus_mega.encoders.vae import FluxAutoEncoder, patchify_latents
 from modus_mega.flow import interpolate, velocity_target
-from modus_mega.model.inputs import TOKEN_VAE, ModelInputs
-
-
-@dataclass
-class StepInputs:
-    """Everything one forward + loss needs."""
-
-    model: ModelInputs
-    ce_index: Tensor  # [N_ce] long: positions whose next token is a 1D target token
-    ce_labels: Tensor  # [N_ce] long
-    ce_modality: Tensor  # [N_ce] long
-    mse_index: Tensor  # [N_mse] long: positions of noisy 2D tokens
-    velocity_target: Tensor  # [N_mse, P]
-    mse_modality: Tensor  # [N_mse] long
+from modus_mega.model.inputs import TOKEN_VAE, ModelInputs, StepInputs
 
 
 @torch.no_grad()
