@@ -2,7 +2,8 @@
 
 ``build_model`` runs, in this order:
 
-1. build: the whole ``ModusModel`` with this layout's linear layers (``select_linears``) on
+1. build: the whole ``ModusModel`` with this layout's linear layers (``select_linears``) and
+   the run's attention backend (chosen here, once) on
    the device (pp = 1), or this rank's pipeline stage of it, built on the meta device and
    then allocated (pp > 1, ``parallel/pipeline.py``);
 2. tensor-parallel linears: the gradient hooks of the replicated weights that see partial
@@ -34,6 +35,7 @@ from modus_mega.losses import MicroBatchLoss
 from modus_mega.model.init import init_weights
 from modus_mega.model.layers import LinearFactory
 from modus_mega.model.modus import ModusModel, decoder_layers
+from modus_mega.ops.attention import get_attention_backend
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.pipeline import ModusPipeline, build_pipeline
 from modus_mega.parallel.recompute import apply_activation_checkpointing
@@ -48,7 +50,11 @@ def build_model(cfg: ModusConfig, ctx: ParallelContext, loss_fn: MicroBatchLoss 
     this rank's stage, whose last stage runs ``loss_fn`` on each micro-batch.
     """
     linears = select_linears(cfg, ctx)
-    model = build_pipeline(cfg, ctx, linears, loss_fn) if ctx.pp > 1 else ModusModel(cfg.model, linears).to(ctx.device)
+    attention = get_attention_backend(cfg.model.attention_backend, ctx.device)  # once per run, kept by the model
+    if ctx.pp > 1:
+        model = build_pipeline(cfg, ctx, linears, attention, loss_fn)
+    else:
+        model = ModusModel(cfg.model, linears, attention).to(ctx.device)
     trained = trained_module(model)
     apply_tensor_parallel(trained, ctx)
     # apply_float8(trained, ...) slots in here (parallel/fp8.py).

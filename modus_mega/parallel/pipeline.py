@@ -60,7 +60,7 @@ from modus_mega.model.inputs import ModelInputs, StepInputs
 from modus_mega.model.layers import LinearFactory
 from modus_mega.model.modus import ModusModel, embed_inputs, output_heads
 from modus_mega.model.mot import LayerContext
-from modus_mega.ops.attention import get_attention_backend
+from modus_mega.ops.attention import AttentionBackend
 from modus_mega.parallel.context import ParallelContext
 
 # ModusModel's modules by stage (besides the decoder layers); together they are all of them.
@@ -161,7 +161,8 @@ class PipelineStage(nn.Module):
         indices = stage_layers(len(model.layers), num_stages, stage)
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in indices})
         _materialize(self, device)
-        self.attention = get_attention_backend(model.cfg.attention_backend, device)
+        assert model.attention is not None, "build_pipeline passes the run's attention backend to the model"
+        self.attention = model.attention
         self.collectives = model.collectives
 
     def forward(self, micro_batch: tuple[Tensor, ...]) -> StageActivations | tuple[Tensor, Tensor]:
@@ -230,7 +231,13 @@ class ModusPipeline(PipelineModule):
         return stage
 
 
-def build_pipeline(cfg: ModusConfig, ctx: ParallelContext, linears: LinearFactory, loss_fn: MicroBatchLoss | None) -> ModusPipeline:
+def build_pipeline(
+    cfg: ModusConfig,
+    ctx: ParallelContext,
+    linears: LinearFactory,
+    attention: AttentionBackend,
+    loss_fn: MicroBatchLoss | None,
+) -> ModusPipeline:
     """This rank's pipeline stage, allocated on its device but not initialised (``parallel/build.py`` goes on).
 
     The whole model is built on the meta device first, so the stage keeps the model's
@@ -243,7 +250,7 @@ def build_pipeline(cfg: ModusConfig, ctx: ParallelContext, linears: LinearFactor
             "LM head (last stage) cannot share a weight; untie them or use parallel.pp=1"
         )
     with torch.device("meta"):
-        model = ModusModel(cfg.model, linears)
+        model = ModusModel(cfg.model, linears, attention)
     owned = set(EMBEDDING_MODULES) | set(HEAD_MODULES) | {"layers"}
     assert {name for name, _ in model.named_children()} == owned, (
         "ModusModel's modules changed: assign each to a stage in EMBEDDING_MODULES / HEAD_MODULES"
