@@ -44,6 +44,7 @@ scaling for DeepSpeed's pipeline engine, so this module knows nothing of trainin
 
 from __future__ import annotations
 
+from dataclasses import fields
 from functools import partial
 from typing import NamedTuple
 
@@ -60,7 +61,7 @@ from modus_mega.model.inputs import ModelInputs, StepInputs
 from modus_mega.model.layers import LinearFactory
 from modus_mega.model.modus import ModusModel, embed_inputs, output_heads
 from modus_mega.model.mot import LayerContext
-from modus_mega.ops.attention import AttentionBackend
+from modus_mega.ops.attention import AttentionBackend, get_attention_backend
 from modus_mega.parallel.context import ParallelContext
 
 # ModusModel's modules by stage (besides the decoder layers); together they are all of them.
@@ -81,23 +82,6 @@ class StageActivations(NamedTuple):
     attn_lo: Tensor  # [T] int32
     attn_hi: Tensor  # [T] int32
     target_roles: Tensor  # [T] long: ROLE_CE | ROLE_MSE bits
-
-
-class StageInputs(NamedTuple):
-    """The first stage's micro-batch: ``ModelInputs`` plus ``target_roles`` (what DeepSpeed loads there)."""
-
-    input_ids: Tensor  # [T] long
-    token_type: Tensor  # [T] long
-    position_ids: Tensor  # [T] long
-    attn_lo: Tensor  # [T] int32
-    attn_hi: Tensor  # [T] int32
-    target_roles: Tensor  # [T] long
-    vit_patches: Tensor  # [N_vit, p*p*C] float
-    vit_position_ids: Tensor  # [N_vit] long
-    vit_cu_seqlens: Tensor  # [num_vit_images + 1] int32
-    vae_tokens: Tensor  # [N_vae, P] float
-    vae_timesteps: Tensor  # [N_vae] float
-    vae_position_ids: Tensor  # [N_vae] long
 
 
 class StageLabels(NamedTuple):
@@ -146,8 +130,8 @@ class PipelineStage(nn.Module):
     """One pipeline stage: a slice of a (meta-built) ``ModusModel``, allocated on ``device``.
 
     Holds the model's modules under the model's attribute names, so the model's own
-    ``embed_inputs`` and ``output_heads`` run on it unchanged. The first stage takes a ``StageInputs``,
-    every other stage a ``StageActivations``; the last stage returns (logits [N_ce, V/tp],
+    ``embed_inputs`` and ``output_heads`` run on it unchanged. The first stage takes
+    ``stage_micro_batch``'s inputs, every other stage a ``StageActivations``; the last stage returns (logits [N_ce, V/tp],
     velocity [N_mse, P]), every other stage a ``StageActivations``.
     """
 
@@ -161,17 +145,19 @@ class PipelineStage(nn.Module):
         indices = stage_layers(len(model.layers), num_stages, stage)
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in indices})
         _materialize(self, device)
-        assert model.attention is not None, "build_pipeline passes the run's attention backend to the model"
+        # The run's backend, which build_pipeline gives the model; a model built without one resolves its config here.
         self.attention = model.attention
+        if self.attention is None:
+            self.attention = get_attention_backend(model.cfg.attention_backend, device)
         self.collectives = model.collectives
 
     def forward(self, micro_batch: tuple[Tensor, ...]) -> StageActivations | tuple[Tensor, Tensor]:
         if self.is_first:
-            inputs = StageInputs(*micro_batch)
-            model_inputs = ModelInputs(**{k: v for k, v in inputs._asdict().items() if k != "target_roles"})
-            hidden = self.collectives.scatter(embed_inputs(self, model_inputs))
+            target_roles, *tensors = micro_batch  # stage_micro_batch's first-stage tuple
+            inputs = ModelInputs(*tensors)
+            hidden = self.collectives.scatter(embed_inputs(self, inputs))
             x = StageActivations(
-                hidden, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi, inputs.target_roles
+                hidden, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi, target_roles
             )
         else:
             x = StageActivations(*micro_batch)
@@ -258,10 +244,13 @@ def build_pipeline(
     return ModusPipeline(model, ctx, loss_fn)
 
 
-def stage_micro_batch(step: StepInputs) -> tuple[StageInputs, StageLabels]:
+def stage_micro_batch(step: StepInputs) -> tuple[tuple[Tensor, ...], StageLabels]:
     """One micro-batch as DeepSpeed's pipeline loads it: (first stage's inputs, last stage's labels).
 
-    ``step.model`` is already in the compute dtype (``ModelInputs.in_compute_dtype``).
+    The first stage's inputs are ``target_roles`` [T] long, then every field of ``step.model``
+    in declaration order (``dataclasses.fields``: a field added to ``ModelInputs`` travels
+    without a change here). They are loaded on the first stage only, never sent between
+    stages. ``step.model`` is already in the compute dtype (``ModelInputs.in_compute_dtype``).
     """
     m = step.model
     roles = torch.zeros_like(m.token_type)
@@ -270,20 +259,7 @@ def stage_micro_batch(step: StepInputs) -> tuple[StageInputs, StageLabels]:
     # The last stage recovers the positions as nonzero(roles & bit): ascending, which the labels' order must be.
     assert torch.equal(torch.nonzero(roles & ROLE_CE, as_tuple=True)[0], step.ce_index), "ce_index must ascend"
     assert torch.equal(torch.nonzero(roles & ROLE_MSE, as_tuple=True)[0], step.mse_index), "mse_index must ascend"
-    inputs = StageInputs(
-        input_ids=m.input_ids,
-        token_type=m.token_type,
-        position_ids=m.position_ids,
-        attn_lo=m.attn_lo,
-        attn_hi=m.attn_hi,
-        target_roles=roles,
-        vit_patches=m.vit_patches,
-        vit_position_ids=m.vit_position_ids,
-        vit_cu_seqlens=m.vit_cu_seqlens,
-        vae_tokens=m.vae_tokens,
-        vae_timesteps=m.vae_timesteps,
-        vae_position_ids=m.vae_position_ids,
-    )
+    inputs = (roles, *(getattr(m, f.name) for f in fields(m)))
     labels = StageLabels(step.ce_labels, step.ce_modality, step.velocity_target, step.mse_modality)
     return inputs, labels
 
