@@ -50,8 +50,9 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
+from modus_mega.checkpoint_layout import LATEST, latest_tag
+
 MANIFEST = "manifest.json"  # <tag>/manifest.json: every file's size and CRC-32, written last
-LATEST = "latest"  # <checkpoints>/latest: the tag to resume from
 TMP_SUFFIX = ".tmp"  # an atomic write in progress: <file>.tmp, renamed over <file> when complete
 DAMAGED_SUFFIX = ".damaged"  # a damaged tag set aside by training.resume=fallback
 _TAG = re.compile(r"step_(\d{8})")  # tag_for_step's names
@@ -79,12 +80,6 @@ def tag_step(name: str) -> int | None:
     """The step of the tag called ``name``; None when ``name`` is not a tag's name."""
     match = _TAG.fullmatch(name)
     return int(match.group(1)) if match else None
-
-
-def read_latest(root: Path) -> str | None:
-    """What ``latest`` in ``root`` holds (stripped; "" when empty); None when there is no ``latest``."""
-    pointer = root / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def tags(root: Path) -> list[str]:
@@ -218,7 +213,7 @@ def find_resume_tag(root: Path, fallback: bool) -> str | None:
 
 def _pointer_and_candidates(root: Path) -> tuple[str | None, list[str]]:
     """What ``latest`` holds, and the other tags with a manifest, newest first."""
-    named = read_latest(root)
+    named = latest_tag(root)
     return named, [t for t in reversed(tags(root)) if t != named and read_manifest(root / t) is not None]
 
 
@@ -246,7 +241,7 @@ def clean_stale(root: Path) -> list[Path]:
     removed = [p for p in root.rglob("*" + TMP_SUFFIX) if p.is_file()]
     for path in removed:
         path.unlink()
-    named = read_latest(root)
+    named = latest_tag(root)
     latest_step = tag_step(named) if named else None
     for name in tags(root):
         newer = latest_step is None or tag_step(name) > latest_step  # type: ignore[operator]  # tags() holds tag names
@@ -264,7 +259,7 @@ def apply_retention(root: Path, keep_last: int, keep_every: int) -> list[str]:
     A tag whose step is a multiple of ``keep_every`` (> 0) is kept; the tag ``latest`` names
     and newer ones never are deleted. Rank 0, after ``latest`` moved to a verified tag.
     """
-    named = read_latest(root)
+    named = latest_tag(root)
     if not keep_last or not named or tag_step(named) is None:
         return []
     older = [t for t in tags(root) if tag_step(t) < tag_step(named)]  # type: ignore[operator]

@@ -104,7 +104,6 @@ class ModelConfig:
     latent_patch_size: int = 2  # VAE latent cells per 2D token side (2x2x16 = 64 dims)
     max_latent_size: int = 64  # side of the latent position table, in 2D tokens
     timestep_frequency_dim: int = 256  # width of the sinusoidal timestep features
-    connector_act: Literal["gelu_pytorch_tanh"] = "gelu_pytorch_tanh"  # ViT connector act
     zero_init_llm2vae: bool = True  # BAGEL zero-initialises the velocity head
     attention_backend: Literal["auto", "reference", "flex", "cuda"] = "auto"  # ops.attention
 

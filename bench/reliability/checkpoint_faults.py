@@ -53,11 +53,11 @@ from modus_mega.checkpoint_integrity import (
     MANIFEST,
     CheckpointWriteError,
     DamagedCheckpointError,
-    read_latest,
     read_manifest,
     tags,
     write_manifest,
 )
+from modus_mega.checkpoint_layout import latest_tag
 from modus_mega.config import ModusConfig, load_config
 from modus_mega.data.loader import PackedLoader
 from modus_mega.parallel.context import ParallelContext
@@ -140,7 +140,7 @@ def refused_then_fallback(bench: Bench, root: Path, named: str, proposed: str) -
         if named not in str(e) or f"newest complete tag is {proposed}" not in str(e):
             return False
     state = bench.resume(root, fallback=True)
-    return state is not None and f"step_{state.step:08d}" == proposed and read_latest(root) == proposed
+    return state is not None and f"step_{state.step:08d}" == proposed and latest_tag(root) == proposed
 
 
 def save_fails_cleanly(
@@ -163,7 +163,7 @@ def save_fails_cleanly(
     state = bench.resume(root)  # removes the partial tag first
     resumed = state is not None and state.step == 4
     partial_left = "step_00000006" in tags(root) and read_manifest(root / "step_00000006") is None
-    return said and resumed and read_latest(root) == DAMAGED and not partial_left
+    return said and resumed and latest_tag(root) == DAMAGED and not partial_left
 
 
 # ----------------------------------------------------------------------------- cases

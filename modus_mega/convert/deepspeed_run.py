@@ -33,7 +33,7 @@ files carry (loss scaler, fragment maps, the stage enum) are read as inert stand
 
 EMA weights (``ema=True``, runs with ``training.ema_decay > 0``): each rank's extras file
 (``<tag>/extras/rank_{r:05d}.pt``) holds the fp32 EMA of the part of each trainable
-parameter its optimizer owns (``training/ema.py``); a tp rank's pieces are joined over its
+parameter its optimizer owns (``parallel/ema.py``); a tp rank's pieces are joined over its
 dp ranks one parameter at a time (``ema.assemble_ema``). Frozen parameters and buffers,
 which no EMA averages, are the checkpoint's own.
 
@@ -67,14 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from modus_mega.config import ModusConfig, config_from_dict
-from modus_mega.convert.bagel import AE_FILE
-from modus_mega.convert.files import read_json
-from modus_mega.convert.hf import expected_shapes
-from modus_mega.convert.keymap import VAE_PREFIX, is_vae_name
-from modus_mega.convert.source import LazyTensor, SafetensorsSource, TensorSource, is_extra_state
-from modus_mega.parallel.pipeline import global_parameter_name
-from modus_mega.training.checkpoint import (
+from modus_mega.checkpoint_layout import (
     LATEST,
     OPTIMIZER_PARAM_NAMES,
     TRAINER_STATE,
@@ -82,7 +75,14 @@ from modus_mega.training.checkpoint import (
     latest_tag,
     run_checkpoints,
 )
-from modus_mega.training.ema import assemble_ema
+from modus_mega.config import ModusConfig, config_from_dict
+from modus_mega.convert.bagel import AE_FILE
+from modus_mega.convert.files import read_json
+from modus_mega.convert.hf import expected_shapes
+from modus_mega.convert.keymap import VAE_PREFIX, is_vae_name
+from modus_mega.convert.source import LazyTensor, SafetensorsSource, TensorSource, is_extra_state
+from modus_mega.parallel.ema import assemble_ema
+from modus_mega.parallel.pipeline import global_parameter_name
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")  # torch AdamW's moments: what ``adam_state`` may name
 

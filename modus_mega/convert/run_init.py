@@ -2,8 +2,9 @@
 
 A resumed run reads only the release's VAE: it is frozen, so the checkpoint does not hold it.
 
-``training/engine.py`` calls ``init_from_bagel`` after the seeded init and before DeepSpeed
-wraps the model (ZeRO copies the weights into its own partitions there). Each rank reads
+``build_engine`` (``training/engine.py``, which builds a run) calls ``init_from_bagel`` after
+the seeded init and before DeepSpeed wraps the model (ZeRO copies the weights into its own
+partitions there). Each rank reads
 only what it holds: its pipeline stage's tensors (stage parameters carry the model's
 global names, ``parallel/pipeline.py``), and of those only its tensor-parallel slices: a
 column-parallel weight's rows, a row-parallel weight's columns (safetensors slices read
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
+from modus_mega.checkpoint_layout import resumes_from_checkpoint
 from modus_mega.config import ModusConfig
 from modus_mega.convert.bagel import load_bagel_into, load_bagel_vae
 from modus_mega.encoders.vae import FluxAutoEncoder
@@ -26,14 +28,6 @@ from modus_mega.model.modus import ModusModel
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.pipeline import ModusPipeline
 from modus_mega.parallel.tensor_parallel import init_hooks
-
-
-def resumes_from_checkpoint(cfg: ModusConfig) -> bool:
-    """Whether the run will continue from its own checkpoint (``training.resume`` and a ``latest`` exists)."""
-    # Local import: training.checkpoint imports training.engine, which calls init_from_bagel.
-    from modus_mega.training.checkpoint import checkpoint_root, latest_tag
-
-    return cfg.training.resume and latest_tag(checkpoint_root(cfg)) is not None
 
 
 def init_from_bagel(

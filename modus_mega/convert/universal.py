@@ -41,7 +41,7 @@ hook the initialisation uses (``parallel.tensor_parallel.init_hooks``). Then:
   its first step); then ``safe_set_full_optimizer_state`` writes this rank's part of each
   moment (ZeRO 1-2), or the parameter's own state tensor is set (ZeRO 0 in fp32, where the
   parameters are the master weights);
-- the EMA: this rank's pieces (``training/ema.py``: the part of each weight its optimizer
+- the EMA: this rank's pieces (``parallel/ema.py``: the part of each weight its optimizer
   owns) cut from the full EMA; a source without EMA restarts the average at the weights.
 
 ZeRO 3 as the target is refused (its parameters and optimizer sub-groups are partitioned
@@ -58,6 +58,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 from deepspeed.utils import (
     lazy_init_hp_params_optimizer_state,
@@ -66,13 +67,7 @@ from deepspeed.utils import (
 )
 from torch import Tensor, nn
 
-from modus_mega.convert.deepspeed_run import ADAM_STATES, DeepSpeedRunSource, is_run_dir
-from modus_mega.convert.files import atomic_directory, progress_bar, read_json, write_json
-from modus_mega.model.init import ShardFn
-from modus_mega.parallel.context import ParallelContext
-from modus_mega.parallel.pipeline import global_parameter_name
-from modus_mega.parallel.tensor_parallel import init_hooks
-from modus_mega.training.checkpoint import (
+from modus_mega.checkpoint_layout import (
     CHECKPOINTS_DIR,
     TRAINER_STATE,
     UNIVERSAL_DIR,
@@ -80,8 +75,13 @@ from modus_mega.training.checkpoint import (
     run_checkpoints,
     saved_layout,
 )
-from modus_mega.training.ema import EmaWeights
-from modus_mega.training.engine import TrainEngine
+from modus_mega.convert.deepspeed_run import ADAM_STATES, DeepSpeedRunSource, is_run_dir
+from modus_mega.convert.files import atomic_directory, progress_bar, read_json, write_json
+from modus_mega.model.init import ShardFn
+from modus_mega.parallel.context import ParallelContext
+from modus_mega.parallel.ema import EmaWeights
+from modus_mega.parallel.pipeline import global_parameter_name
+from modus_mega.parallel.tensor_parallel import init_hooks
 
 MANIFEST = "universal.json"
 FORMAT = 1  # the manifest's "format"; bumped when the layout changes
@@ -174,33 +174,42 @@ def read_tensor(folder: Path, name: str, kind: str) -> Tensor:
 
 
 @torch.no_grad()
-def load_universal(engine: TrainEngine, folder: Path, ctx: ParallelContext) -> None:
+def load_universal(
+    engine: deepspeed.DeepSpeedEngine,
+    optimizer: torch.optim.Optimizer,
+    ema: EmaWeights | None,
+    folder: Path,
+    ctx: ParallelContext,
+) -> None:
     """Set this rank's weights, Adam state and EMA from the universal checkpoint in ``folder``.
+
+    ``engine`` is DeepSpeed's (its module is this rank's model or pipeline stage),
+    ``optimizer`` the torch optimizer it steps, ``ema`` the run's EMA, if any.
 
     Collective only through what DeepSpeed's setters do (nothing at ZeRO 0-2). Raises
     ``ValueError`` when the target is ZeRO 3, or when a parameter of this model is missing
     from the checkpoint, has another full shape, or is trained here but was frozen there.
     """
     manifest = read_manifest(folder)
-    if engine.engine.zero_optimization_stage() == 3:
+    if engine.zero_optimization_stage() == 3:
         raise ValueError(
             f"resuming from the universal checkpoint {folder} at ZeRO 3 is not supported (its parameters and "
             "optimizer sub-groups are partitioned per parameter); resume at parallel.zero_stage 0, 1 or 2"
         )
     rename = global_parameter_name if ctx.pp > 1 else str
     hooks = init_hooks(ctx)
-    params = dict(engine.model.named_parameters())
+    params = dict(engine.module.named_parameters())
     for local_name, param in params.items():
         _check_parameter(rename(local_name), param, hooks["full_shape"](param), manifest, folder)
-    _init_adam_state(engine.optimizer, engine.model, manifest["optimizer_step"])
+    _init_adam_state(optimizer, engine.module, manifest["optimizer_step"])
     for local_name, param in params.items():
         name = rename(local_name)
         _set_weight(param, hooks["shard"](param, read_tensor(folder, name, FP32)))
         if param.requires_grad:
             for key in ADAM_STATES:
-                _set_moment(engine.optimizer, param, hooks["shard"](param, read_tensor(folder, name, key)), key)
-    if engine.ema is not None:
-        _load_ema(engine.ema, folder, manifest, params, rename, hooks["shard"])
+                _set_moment(optimizer, param, hooks["shard"](param, read_tensor(folder, name, key)), key)
+    if ema is not None:
+        _load_ema(ema, folder, manifest, params, rename, hooks["shard"])
 
 
 def _check_parameter(name: str, param: nn.Parameter, full_shape: torch.Size, manifest: dict, folder: Path) -> None:

@@ -8,7 +8,7 @@ expert, VAE tokens (clean or noisy latent patches) to the 2D expert (BAGEL's rul
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -45,3 +45,24 @@ class ModelInputs:
             cast = dtype if (dtype is not None and t.is_floating_point()) else None
             moved[f.name] = t.to(device=device, dtype=cast, non_blocking=True)
         return ModelInputs(**moved)
+
+    def in_compute_dtype(self, dtype: torch.dtype) -> "ModelInputs":
+        """A copy whose pixel and latent inputs (ViT patches, 2D tokens) are in ``dtype``; ``self`` is unchanged.
+
+        Flow times stay fp32 (the timestep embedding computes its frequencies in fp32), and
+        integer metadata is not touched. The one place the training step casts its inputs.
+        """
+        return replace(self, vit_patches=self.vit_patches.to(dtype), vae_tokens=self.vae_tokens.to(dtype))
+
+
+@dataclass
+class StepInputs:
+    """Everything one forward + loss needs: the model's inputs and the loss positions and targets."""
+
+    model: ModelInputs
+    ce_index: Tensor  # [N_ce] long, ascending: positions whose next token is a 1D target token
+    ce_labels: Tensor  # [N_ce] long
+    ce_modality: Tensor  # [N_ce] long
+    mse_index: Tensor  # [N_mse] long, ascending: positions of noisy 2D tokens
+    velocity_target: Tensor  # [N_mse, P]
+    mse_modality: Tensor  # [N_mse] long

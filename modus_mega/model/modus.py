@@ -31,9 +31,15 @@ from modus_mega.vocab import build_vocabulary
 class ModusModel(nn.Module):
     """Decoder-only any-to-any MoT over text, ViT and VAE tokens."""
 
-    def __init__(self, cfg: ModelConfig, linears: LinearFactory = SERIAL_LINEARS) -> None:
+    def __init__(
+        self, cfg: ModelConfig, linears: LinearFactory = SERIAL_LINEARS, attention: AttentionBackend | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        # The attention every forward uses, chosen once per run: ``parallel/build.py`` passes the one
+        # for the run's device; without it, ``cfg.attention_backend`` is resolved at the first forward
+        # for the inputs' device, then kept.
+        self.attention = attention
         llm = cfg.llm
         d = llm.hidden_size
         self.vocab = build_vocabulary(cfg.vocab)
@@ -58,9 +64,14 @@ class ModusModel(nn.Module):
     # ------------------------------------------------------------------ per micro-batch
 
     def build_context(self, inputs: ModelInputs, attention: AttentionBackend | None = None) -> LayerContext:
-        """Routing, RoPE tables and attention metadata, computed once for all layers."""
+        """Routing, RoPE tables and attention metadata, computed once for all layers.
+
+        ``attention`` overrides the model's backend for this call (tests compare backends).
+        """
         if attention is None:
-            attention = get_attention_backend(self.cfg.attention_backend, inputs.attn_lo.device)
+            if self.attention is None:
+                self.attention = get_attention_backend(self.cfg.attention_backend, inputs.attn_lo.device)
+            attention = self.attention
         return LayerContext.build(
             self.cfg.llm, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi,
             self.embed_tokens.weight.dtype, attention, self.collectives,
@@ -91,12 +102,15 @@ class ModusModel(nn.Module):
         hidden = self.decode(self.embed(inputs), ctx)
         return self.heads(hidden, ce_index, mse_index)
 
-    def final_hidden(self, inputs: ModelInputs, attention: AttentionBackend | None = None) -> Tensor:
-        """Final-normed hidden states [T, D], each token through its own expert's norm."""
-        ctx = self.build_context(inputs, attention)
-        hidden = self.decode(self.embed(inputs), ctx)
-        normed = [norm(hidden.index_select(0, index)) for norm, index in zip(self.final_norms, ctx.expert_index)]
-        return torch.cat(normed)[ctx.unpermute]
+
+def decoder_layers(m: nn.Module) -> dict[int, MoTLayer]:
+    """The decoder layers ``m`` holds by global index: all of a ``ModusModel``'s, or a pipeline stage's own.
+
+    A model keeps them in a ``ModuleList``; a stage in a ``ModuleDict`` keyed by global index.
+    """
+    layers = m.layers
+    items = layers.items() if isinstance(layers, nn.ModuleDict) else enumerate(layers)
+    return {int(index): layer for index, layer in items}
 
 
 # ----------------------------------------------------------------------------- the ends of the model

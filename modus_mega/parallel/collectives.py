@@ -71,10 +71,10 @@ class TensorParallelCollectives(Collectives):
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
 
-    def project(self, rows: list[Tensor], ctx: LayerContext, fn: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:
+    def project(self, rows: list[Tensor], layer: LayerContext, fn: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:
         return fn([self.copy(r) for r in rows])
 
-    def reduce(self, partial: Tensor, ctx: LayerContext) -> Tensor:
+    def reduce(self, partial: Tensor, layer: LayerContext) -> Tensor:
         return reduce_from_tensor_model_parallel_region(partial, group=self.group)
 
     def copy(self, x: Tensor) -> Tensor:
@@ -84,10 +84,10 @@ class TensorParallelCollectives(Collectives):
 class SequenceParallelCollectives(TensorParallelCollectives):
     """Tensor parallelism with the residual stream split along tokens over the tp ranks (module docstring)."""
 
-    def __init__(self, ctx: ParallelContext) -> None:
-        super().__init__(ctx.tp_group)
-        self.num_shards = ctx.tp
-        self.shard = ctx.tp_rank
+    def __init__(self, parallel: ParallelContext) -> None:
+        super().__init__(parallel.tp_group)
+        self.num_shards = parallel.tp
+        self.shard = parallel.tp_rank
 
     # ------------------------------------------------------------------ the model's calls
 
@@ -98,17 +98,17 @@ class SequenceParallelCollectives(TensorParallelCollectives):
     def gather(self, rows: Tensor, num_tokens: int) -> Tensor:
         return _AllGatherRows.apply(rows, self, False)[:num_tokens]
 
-    def project(self, rows: list[Tensor], ctx: LayerContext, fn: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:
-        shard = ctx.shard
+    def project(self, rows: list[Tensor], layer: LayerContext, fn: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:
+        shard = layer.shard
         padding = rows[0].new_zeros(shard.num_padding, rows[0].shape[1])
         local = torch.cat([*rows, padding])[shard.unpermute]  # [R, D] in row order
         full = _AllGatherRows.apply(local, self, True)  # [T_pad, D]; the linears' partial input gradients are summed
-        tokens = [full.index_select(0, index) for index in ctx.expert_index]  # per expert [T_e, D]
+        tokens = [full.index_select(0, index) for index in layer.expert_index]  # per expert [T_e, D]
         outputs = fn(tokens)
-        return list(_Regathered.apply(local, self, ctx.expert_index, len(tokens), *tokens, *outputs))
+        return list(_Regathered.apply(local, self, layer.expert_index, len(tokens), *tokens, *outputs))
 
-    def reduce(self, partial: Tensor, ctx: LayerContext) -> Tensor:
-        return _ReduceScatterRows.apply(self._pad(partial, ctx.shard.size * self.num_shards), self)
+    def reduce(self, partial: Tensor, layer: LayerContext) -> Tensor:
+        return _ReduceScatterRows.apply(self._pad(partial, layer.shard.size * self.num_shards), self)
 
     # ------------------------------------------------------------------ collectives on [rows, D] (no autograd)
 

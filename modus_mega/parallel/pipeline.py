@@ -14,10 +14,10 @@ gives the same full weights at every pp (STYLE 3), and DeepSpeed's per-stage che
 files (``layer_<stage>-model_<tp>-model_states.pt``) hold global names. DeepSpeed's module
 prefixes them with the stage index (``1.layers.5...``); ``global_parameter_name`` strips it.
 
-Build order (``build_pipeline_model``): the whole model on the meta device (no memory) ->
-recompute patches -> each rank allocates its own stage's modules -> tensor-parallel hooks
--> initialise by global name -> freeze; ``training/engine.py`` then calls
-``deepspeed.initialize`` and wraps the engine in a ``PipelineRunner``.
+Build (``build_pipeline``): the whole model on the meta device (no memory), then each rank
+allocates its own stage's modules. The rest of construction (tensor-parallel hooks,
+initialisation by global name, freezing, recomputation) is ``parallel/build.py``'s one
+ordered list, applied to the stage exactly as to a whole model at pp = 1.
 
 What crosses stages. Between stages a micro-batch is the tuple ``StageActivations``: this
 tp rank's rows of the hidden states [R, D] (float, with gradient; R = T, or with sequence
@@ -37,37 +37,32 @@ velocity targets, target modalities) from the same iterator of ``(inputs, labels
 so the float targets never travel between stages. The global target counts are fixed for
 a step and set on the loss once per step.
 
-Loss scaling. The last stage's loss is ``modus_loss`` (a SUM over this micro-batch's
-target tokens over the GLOBAL counts) times ``grad_accum_steps * dp``: DeepSpeed divides
-the loss by the accumulation steps and averages gradients over dp, and the step needs
-their sum (the same contract as ``TrainEngine.backward`` at pp = 1).
+The loss. The last stage runs the ``MicroBatchLoss`` the pipeline is built with
+(``modus_mega/losses.py``); the training step (``training/step.py``) makes it, with its
+scaling for DeepSpeed's pipeline engine, so this module knows nothing of training.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
+from functools import partial
 from typing import NamedTuple
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.pipe import LayerSpec, PipelineModule
-from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import Tensor, nn
 
 from modus_mega.config import ModusConfig
-from modus_mega.model.init import init_weights
-from modus_mega.model.inputs import ModelInputs
+from modus_mega.losses import MicroBatchLoss
+from modus_mega.model.inputs import ModelInputs, StepInputs
 from modus_mega.model.layers import LinearFactory
-from modus_mega.model.mot import LayerContext
 from modus_mega.model.modus import ModusModel, embed_inputs, output_heads
-from modus_mega.ops.attention import get_attention_backend
+from modus_mega.model.mot import LayerContext
+from modus_mega.ops.attention import AttentionBackend, get_attention_backend
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.parallel.recompute import apply_activation_checkpointing
-from modus_mega.parallel.tensor_parallel import apply_tensor_parallel, cross_entropy_fn, init_hooks
-from modus_mega.training.failures import NonFiniteGuard
-from modus_mega.training.losses import NUM_LOSS_SUMS, CrossEntropyFn, loss_sums, modus_loss
-from modus_mega.training.prepare import StepInputs
 
 # ModusModel's modules by stage (besides the decoder layers); together they are all of them.
 EMBEDDING_MODULES = (
@@ -87,23 +82,6 @@ class StageActivations(NamedTuple):
     attn_lo: Tensor  # [T] int32
     attn_hi: Tensor  # [T] int32
     target_roles: Tensor  # [T] long: ROLE_CE | ROLE_MSE bits
-
-
-class StageInputs(NamedTuple):
-    """The first stage's micro-batch: ``ModelInputs`` plus ``target_roles`` (what DeepSpeed loads there)."""
-
-    input_ids: Tensor  # [T] long
-    token_type: Tensor  # [T] long
-    position_ids: Tensor  # [T] long
-    attn_lo: Tensor  # [T] int32
-    attn_hi: Tensor  # [T] int32
-    target_roles: Tensor  # [T] long
-    vit_patches: Tensor  # [N_vit, p*p*C] float
-    vit_position_ids: Tensor  # [N_vit] long
-    vit_cu_seqlens: Tensor  # [num_vit_images + 1] int32
-    vae_tokens: Tensor  # [N_vae, P] float
-    vae_timesteps: Tensor  # [N_vae] float
-    vae_position_ids: Tensor  # [N_vae] long
 
 
 class StageLabels(NamedTuple):
@@ -152,8 +130,8 @@ class PipelineStage(nn.Module):
     """One pipeline stage: a slice of a (meta-built) ``ModusModel``, allocated on ``device``.
 
     Holds the model's modules under the model's attribute names, so the model's own
-    ``embed_inputs`` and ``output_heads`` run on it unchanged. The first stage takes a ``StageInputs``,
-    every other stage a ``StageActivations``; the last stage returns (logits [N_ce, V/tp],
+    ``embed_inputs`` and ``output_heads`` run on it unchanged. The first stage takes
+    ``stage_micro_batch``'s inputs, every other stage a ``StageActivations``; the last stage returns (logits [N_ce, V/tp],
     velocity [N_mse, P]), every other stage a ``StageActivations``.
     """
 
@@ -167,16 +145,19 @@ class PipelineStage(nn.Module):
         indices = stage_layers(len(model.layers), num_stages, stage)
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in indices})
         _materialize(self, device)
-        self.attention = get_attention_backend(model.cfg.attention_backend, device)
+        # The run's backend, which build_pipeline gives the model; a model built without one resolves its config here.
+        self.attention = model.attention
+        if self.attention is None:
+            self.attention = get_attention_backend(model.cfg.attention_backend, device)
         self.collectives = model.collectives
 
     def forward(self, micro_batch: tuple[Tensor, ...]) -> StageActivations | tuple[Tensor, Tensor]:
         if self.is_first:
-            inputs = StageInputs(*micro_batch)
-            model_inputs = ModelInputs(**{k: v for k, v in inputs._asdict().items() if k != "target_roles"})
-            hidden = self.collectives.scatter(embed_inputs(self, model_inputs))
+            target_roles, *tensors = micro_batch  # stage_micro_batch's first-stage tuple
+            inputs = ModelInputs(*tensors)
+            hidden = self.collectives.scatter(embed_inputs(self, inputs))
             x = StageActivations(
-                hidden, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi, inputs.target_roles
+                hidden, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi, target_roles
             )
         else:
             x = StageActivations(*micro_batch)
@@ -204,45 +185,20 @@ class PipelineStage(nn.Module):
         )  # fmt: skip
 
 
-class PipelineLoss:
-    """DeepSpeed's ``loss_fn`` on the last stage: ``modus_loss`` of one micro-batch.
-
-    Returns the loss times ``backward_scale`` (see the module docstring) and records each
-    micro-batch's ``loss_sums`` for logging; ``begin_step`` sets the step's global target
-    counts and clears the record. Each loss also passes the non-finite guard (set by
-    ``PipelineRunner``), as ``TrainEngine.backward``'s does at pp = 1.
-    """
-
-    def __init__(self, ce_weight: float, mse_weight: float, cross_entropy: CrossEntropyFn, backward_scale: float) -> None:
-        self.ce_weight, self.mse_weight = ce_weight, mse_weight
-        self.cross_entropy = cross_entropy
-        self.backward_scale = backward_scale
-        self.global_counts = (0, 0)  # (CE, MSE) target tokens of the whole global batch
-        self.sums: list[Tensor] = []  # per micro-batch: loss_sums [NUM_LOSS_SUMS] float64, on the device
-        self.guard: NonFiniteGuard | None = None  # sees every micro-batch loss (training/failures.py)
-
-    def begin_step(self, global_num_ce: int, global_num_mse: int) -> None:
-        """Set the step's global target counts; forget the previous step's sums."""
-        self.global_counts = (global_num_ce, global_num_mse)
-        self.sums = []
-
-    def __call__(self, outputs: tuple[Tensor, Tensor], labels: tuple[Tensor, ...]) -> Tensor:
-        logits, velocity = outputs
-        target = StageLabels(*labels)
-        terms = modus_loss(
-            logits, target.ce_labels, target.ce_modality, velocity, target.velocity_target, target.mse_modality,
-            *self.global_counts, self.ce_weight, self.mse_weight, cross_entropy=self.cross_entropy,
-        )  # fmt: skip
-        self.sums.append(loss_sums(terms))
-        if self.guard is not None:
-            self.guard.observe_loss(terms.loss)
-        return terms.loss * self.backward_scale
+def _labelled_loss(loss_fn: MicroBatchLoss, outputs: tuple[Tensor, Tensor], labels: tuple[Tensor, ...]) -> Tensor:
+    """DeepSpeed's ``loss_fn(outputs, labels)`` on the last stage: ``loss_fn`` of the heads' outputs and ``StageLabels``."""
+    logits, velocity = outputs
+    return loss_fn(logits, velocity, StageLabels(*labels))
 
 
 class ModusPipeline(PipelineModule):
-    """DeepSpeed's ``PipelineModule`` over ``PipelineStage``s; ``vocab`` as on ``ModusModel``."""
+    """DeepSpeed's ``PipelineModule`` over ``PipelineStage``s; ``vocab`` as on ``ModusModel``.
 
-    def __init__(self, model: ModusModel, ctx: ParallelContext, loss_fn: PipelineLoss) -> None:
+    ``loss_fn`` is what the last stage runs on each micro-batch (None: a pipeline that is
+    only built, e.g. to read its initial weights, never trained).
+    """
+
+    def __init__(self, model: ModusModel, ctx: ParallelContext, loss_fn: MicroBatchLoss | None) -> None:
         topology = PipeModelDataParallelTopology(num_pp=ctx.pp, num_mp=ctx.tp, num_dp=ctx.dp)
         coord = topology.get_coord(ctx.rank)
         assert (coord.pipe, coord.data, coord.model) == (ctx.pp_rank, ctx.dp_rank, ctx.tp_rank), (
@@ -250,7 +206,8 @@ class ModusPipeline(PipelineModule):
         )
         stages = [LayerSpec(PipelineStage, model, s, ctx.pp, ctx.device) for s in range(ctx.pp)]
         deepspeed.init_distributed(ctx.backend, auto_mpi_discovery=False, verbose=False)  # wraps the running group
-        super().__init__(stages, topology=topology, loss_fn=loss_fn, partition_method="uniform")
+        labelled = None if loss_fn is None else partial(_labelled_loss, loss_fn)
+        super().__init__(stages, topology=topology, loss_fn=labelled, partition_method="uniform")
         self.vocab = model.vocab
 
     @property
@@ -260,10 +217,18 @@ class ModusPipeline(PipelineModule):
         return stage
 
 
-def build_pipeline_model(cfg: ModusConfig, ctx: ParallelContext, linears: LinearFactory) -> ModusPipeline:
-    """This rank's pipeline stage (tp shard included), initialised from ``training.seed`` by global name.
+def build_pipeline(
+    cfg: ModusConfig,
+    ctx: ParallelContext,
+    linears: LinearFactory,
+    attention: AttentionBackend,
+    loss_fn: MicroBatchLoss | None,
+) -> ModusPipeline:
+    """This rank's pipeline stage, allocated on its device but not initialised (``parallel/build.py`` goes on).
 
-    Raises ``ValueError`` for tied input/output embeddings, which would live on two stages.
+    The whole model is built on the meta device first, so the stage keeps the model's
+    global parameter names and no rank allocates another stage's weights. Raises
+    ``ValueError`` for tied input/output embeddings, which would live on two stages.
     """
     if cfg.model.llm.tie_word_embeddings:
         raise ValueError(
@@ -271,32 +236,22 @@ def build_pipeline_model(cfg: ModusConfig, ctx: ParallelContext, linears: Linear
             "LM head (last stage) cannot share a weight; untie them or use parallel.pp=1"
         )
     with torch.device("meta"):
-        model = ModusModel(cfg.model, linears)
+        model = ModusModel(cfg.model, linears, attention)
     owned = set(EMBEDDING_MODULES) | set(HEAD_MODULES) | {"layers"}
     assert {name for name, _ in model.named_children()} == owned, (
         "ModusModel's modules changed: assign each to a stage in EMBEDDING_MODULES / HEAD_MODULES"
     )
-    apply_activation_checkpointing(model, cfg.parallel)
-
-    loss_fn = PipelineLoss(
-        cfg.training.ce_weight,
-        cfg.training.mse_weight,
-        cross_entropy_fn(ctx),
-        backward_scale=float(cfg.training.grad_accum_steps * ctx.dp),
-    )
-    pipeline = ModusPipeline(model, ctx, loss_fn)
-    stage = pipeline.stage
-    apply_tensor_parallel(stage, ctx)
-    zero_init = ("llm2vae",) if cfg.model.zero_init_llm2vae else ()
-    init_weights(stage, cfg.training.seed, cfg.model.llm.init_std, zero_init=zero_init, **init_hooks(ctx))
-    if cfg.model.llm.freeze_1d_expert:
-        for layer in stage.layers.values():
-            layer.experts[0].requires_grad_(False)
-    return pipeline
+    return ModusPipeline(model, ctx, loss_fn)
 
 
-def stage_micro_batch(step: StepInputs, compute_dtype: torch.dtype) -> tuple[StageInputs, StageLabels]:
-    """One micro-batch as DeepSpeed's pipeline loads it: (first stage's inputs, last stage's labels)."""
+def stage_micro_batch(step: StepInputs) -> tuple[tuple[Tensor, ...], StageLabels]:
+    """One micro-batch as DeepSpeed's pipeline loads it: (first stage's inputs, last stage's labels).
+
+    The first stage's inputs are ``target_roles`` [T] long, then every field of ``step.model``
+    in declaration order (``dataclasses.fields``: a field added to ``ModelInputs`` travels
+    without a change here). They are loaded on the first stage only, never sent between
+    stages. ``step.model`` is already in the compute dtype (``ModelInputs.in_compute_dtype``).
+    """
     m = step.model
     roles = torch.zeros_like(m.token_type)
     roles[step.ce_index] |= ROLE_CE
@@ -304,20 +259,7 @@ def stage_micro_batch(step: StepInputs, compute_dtype: torch.dtype) -> tuple[Sta
     # The last stage recovers the positions as nonzero(roles & bit): ascending, which the labels' order must be.
     assert torch.equal(torch.nonzero(roles & ROLE_CE, as_tuple=True)[0], step.ce_index), "ce_index must ascend"
     assert torch.equal(torch.nonzero(roles & ROLE_MSE, as_tuple=True)[0], step.mse_index), "mse_index must ascend"
-    inputs = StageInputs(
-        input_ids=m.input_ids,
-        token_type=m.token_type,
-        position_ids=m.position_ids,
-        attn_lo=m.attn_lo,
-        attn_hi=m.attn_hi,
-        target_roles=roles,
-        vit_patches=m.vit_patches.to(compute_dtype),
-        vit_position_ids=m.vit_position_ids,
-        vit_cu_seqlens=m.vit_cu_seqlens,
-        vae_tokens=m.vae_tokens.to(compute_dtype),
-        vae_timesteps=m.vae_timesteps,
-        vae_position_ids=m.vae_position_ids,
-    )
+    inputs = (roles, *(getattr(m, f.name) for f in fields(m)))
     labels = StageLabels(step.ce_labels, step.ce_modality, step.velocity_target, step.mse_modality)
     return inputs, labels
 
@@ -355,73 +297,3 @@ class GradClipper:
         coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
         if grads:
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-
-
-class PipelineRunner:
-    """Runs one optimizer step of a pipeline-parallel run through DeepSpeed's ``train_batch``.
-
-    ``own_clip``: the max gradient norm when we clip (fp32 without ZeRO; inf: measure
-    only), None when DeepSpeed clips and reports the norm. ``guard`` sees the last stage's
-    losses; the gradient checks and the skip decision work from hooks (``training/failures.py``:
-    ``StepGate`` is a pre-step hook of the optimizer registered before the clipper's).
-    """
-
-    def __init__(
-        self,
-        engine: PipelineEngine,
-        optimizer: torch.optim.Optimizer,
-        ctx: ParallelContext,
-        compute_dtype: torch.dtype,
-        own_clip: float | None,
-        guard: NonFiniteGuard,
-    ) -> None:
-        self.engine = engine
-        self.ctx = ctx
-        self.compute_dtype = compute_dtype
-        self.loss_fn: PipelineLoss = engine.module.loss_fn
-        self.loss_fn.guard = guard
-        self.clipper: GradClipper | None = None
-        if own_clip is not None:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            self.clipper = GradClipper(params, own_clip, ctx)
-            optimizer.register_step_pre_hook(self.clipper)
-        # The global rank of this pipeline's last stage (ranks: tp fastest, then dp, then pp).
-        self._last_stage_rank = ctx.rank + (ctx.pp - 1 - ctx.pp_rank) * ctx.tp * ctx.dp
-        self._num_tokens: int | None = None
-
-    def train_batch(self, steps: list[StepInputs], global_num_ce: int, global_num_mse: int) -> Tensor:
-        """Forward, backward and optimizer step over this rank's micro-batches of one step.
-
-        Returns this dp rank's ``loss_sums`` summed over the micro-batches [NUM_LOSS_SUMS]
-        float64, on every stage (computed on the last, broadcast over the pipeline).
-        """
-        if len(steps) != self.engine.gradient_accumulation_steps():
-            raise ValueError(
-                f"got {len(steps)} micro-batches for a step of training.grad_accum_steps="
-                f"{self.engine.gradient_accumulation_steps()}"
-            )
-        for step in steps:
-            num_tokens = step.model.token_type.numel()
-            if self._num_tokens is None:
-                self._num_tokens = num_tokens
-            if num_tokens != self._num_tokens:
-                raise ValueError(
-                    f"a micro-batch of {num_tokens} tokens after one of {self._num_tokens}: pipeline stages exchange "
-                    "fixed shapes; pack every micro-batch to data.token_budget"
-                )
-        self.loss_fn.begin_step(global_num_ce, global_num_mse)
-        self.engine.train_batch(iter([stage_micro_batch(s, self.compute_dtype) for s in steps]))
-
-        if self.loss_fn.sums:  # the last stage
-            sums = torch.stack(self.loss_fn.sums).sum(0)
-        else:
-            sums = torch.zeros(NUM_LOSS_SUMS, dtype=torch.float64, device=self.ctx.device)
-        dist.broadcast(sums, src=self._last_stage_rank, group=self.ctx.pp_group)
-        return sums.cpu()
-
-    def grad_norm(self) -> float:
-        """Global gradient norm of the last optimizer step, before clipping (NaN if not computed)."""
-        if self.clipper is not None:
-            return self.clipper.last_norm
-        norm = self.engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)

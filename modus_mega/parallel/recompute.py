@@ -16,8 +16,10 @@ recomputed forward runs the layer's submodules through their ``__call__``, so ho
 DeepSpeed ZeRO-3 puts on them (parameter gathering) run again in the recomputation.
 Recomputation is deterministic here: no dropout, and the RNG state is restored anyway.
 
-Order in ``training/engine.py``: build, tensor-parallel, initialise, freeze, recompute,
-then ``deepspeed.initialize``.
+It is one step of the construction order written in ``parallel/build.py`` (build,
+tensor-parallel linears, [FP8], initialise by name, freeze, recompute, [compile]), applied
+to a whole model at pp = 1 and to this rank's pipeline stage at pp > 1; ``training/engine.py``
+then hands the model to ``deepspeed.initialize``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from modus_mega.config import ParallelConfig
-from modus_mega.model.modus import ModusModel
+from modus_mega.model.modus import decoder_layers
 
 
 def _recomputed_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -57,21 +59,28 @@ def is_recomputed(module: nn.Module) -> bool:
     return isinstance(forward, types.MethodType) and forward.__func__ is _recomputed_forward
 
 
-def apply_activation_checkpointing(model: ModusModel, cfg: ParallelConfig) -> list[str]:
-    """Apply ``cfg.recompute`` / ``cfg.recompute_layers`` to ``model``'s layers, in place.
+def apply_activation_checkpointing(model: nn.Module, cfg: ParallelConfig, num_layers: int | None = None) -> list[str]:
+    """Apply ``cfg.recompute`` / ``cfg.recompute_layers`` to the layers ``model`` holds, in place.
 
-    Returns the names of the recomputed modules (empty for ``recompute = "none"``).
+    ``model`` is a ``ModusModel`` or one pipeline stage of it (which holds some decoder
+    layers under their global indices, and the ViT on the first stage only);
+    ``num_layers`` is the whole model's decoder depth (default: the layers ``model``
+    holds, right for a whole model). Returns the names of the recomputed modules (empty
+    for ``recompute = "none"``).
     """
     if cfg.recompute == "none":
         return []
-    num_decoder = cfg.recompute_layers or len(model.layers)
-    if num_decoder > len(model.layers):
+    layers = decoder_layers(model)
+    num_layers = len(layers) if num_layers is None else num_layers
+    num_decoder = cfg.recompute_layers or num_layers
+    if num_decoder > num_layers:
         raise ValueError(
-            f"parallel.recompute_layers={cfg.recompute_layers} exceeds the model's {len(model.layers)} decoder layers; "
+            f"parallel.recompute_layers={cfg.recompute_layers} exceeds the model's {num_layers} decoder layers; "
             "use 0 (all) or a smaller count"
         )
-    chosen = {f"layers.{i}": model.layers[i] for i in range(num_decoder)}
-    chosen |= {f"vit.encoder.layers.{i}": layer for i, layer in enumerate(model.vit.encoder.layers)}
+    chosen: dict[str, nn.Module] = {f"layers.{i}": layer for i, layer in layers.items() if i < num_decoder}
+    if hasattr(model, "vit"):
+        chosen |= {f"vit.encoder.layers.{i}": layer for i, layer in enumerate(model.vit.encoder.layers)}
     for module in chosen.values():
         recompute_module(module)
     return list(chosen)

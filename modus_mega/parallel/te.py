@@ -21,7 +21,12 @@ from torch import Tensor, nn
 from modus_mega.config import LLMConfig
 from modus_mega.model.layers import LinearFactory
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.parallel.tensor_parallel import TensorParallelEmbedding, build_collectives, build_linears, megatron_config
+from modus_mega.parallel.tensor_parallel import (
+    TensorParallelEmbedding,
+    build_collectives,
+    check_tensor_parallel,
+    megatron_config,
+)
 
 try:
     import transformer_engine.pytorch as te
@@ -73,7 +78,7 @@ def build_te_linears(ctx: ParallelContext, llm: LLMConfig) -> LinearFactory:
         )
     if ctx.device.type != "cuda":
         raise ValueError("parallel.tp_backend='te' runs on GPUs only; use tp_backend='local' on CPU")
-    build_linears(ctx, llm)  # the same layout checks as the local backend
+    check_tensor_parallel(ctx, llm)  # the same layout checks as the local backend
     return LinearFactory(
         column=partial(_te_linear, mode="column", ctx=ctx),
         row=partial(_te_linear, mode="row", ctx=ctx),

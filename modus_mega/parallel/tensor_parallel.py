@@ -1,6 +1,6 @@
 """Tensor parallelism with Megatron-core layers, applied from outside the model (STYLE 1, 2).
 
-Order of use (``training/engine.py`` follows it):
+Order of use (``parallel/build.py`` follows it):
 
 1. ``build_linears(ctx)`` -> the ``LinearFactory`` the model is built with: q/k/v, gate/up
    and the LM head column-parallel (output features split), o and down row-parallel
@@ -39,12 +39,12 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from torch import Tensor, nn
 
 from modus_mega.config import LLMConfig
+from modus_mega.losses import CrossEntropyFn, serial_cross_entropy
 from modus_mega.model.init import FullShapeFn, ShardFn
 from modus_mega.model.layers import SERIAL_LINEARS, Collectives, LinearFactory
 from modus_mega.model.mot import MoTExpert
 from modus_mega.parallel.collectives import SequenceParallelCollectives, TensorParallelCollectives
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.training.losses import CrossEntropyFn, serial_cross_entropy
 
 
 def _no_init(weight: Tensor) -> None:
@@ -130,16 +130,11 @@ def megatron_config(ctx: ParallelContext) -> ModelParallelConfig:
 def build_linears(ctx: ParallelContext, llm: LLMConfig) -> LinearFactory:
     """The ``LinearFactory`` for this layout: ``torch.nn`` at tp = 1, Megatron-core above.
 
-    Raises ``ValueError`` when tp exceeds the key/value heads: each rank needs whole KV heads
-    (replicating KV heads across ranks is not supported yet).
+    Raises ``ValueError`` where the layout cannot shard the model (``check_tensor_parallel``).
     """
     if ctx.tp == 1:
         return SERIAL_LINEARS
-    if llm.num_kv_heads % ctx.tp:
-        raise ValueError(
-            f"parallel.tp={ctx.tp} does not divide model.llm.num_kv_heads={llm.num_kv_heads}: every rank "
-            "must hold whole key/value heads; use tp <= num_kv_heads and a divisor of it"
-        )
+    check_tensor_parallel(ctx, llm)
     config = megatron_config(ctx)
     return LinearFactory(
         column=partial(TensorParallelColumnLinear, config=config, ctx=ctx),
@@ -148,6 +143,18 @@ def build_linears(ctx: ParallelContext, llm: LLMConfig) -> LinearFactory:
         tp_size=ctx.tp,
         collectives=build_collectives(ctx),
     )
+
+
+def check_tensor_parallel(ctx: ParallelContext, llm: LLMConfig) -> None:
+    """Raise ``ValueError`` when tp does not divide the key/value heads: each rank needs whole KV heads.
+
+    (Replicating KV heads across ranks is not supported yet.) Every tensor-parallel backend checks this.
+    """
+    if llm.num_kv_heads % ctx.tp:
+        raise ValueError(
+            f"parallel.tp={ctx.tp} does not divide model.llm.num_kv_heads={llm.num_kv_heads}: every rank "
+            "must hold whole key/value heads; use tp <= num_kv_heads and a divisor of it"
+        )
 
 
 def build_collectives(ctx: ParallelContext) -> Collectives:

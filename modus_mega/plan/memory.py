@@ -65,7 +65,7 @@ layer) leaves out the bf16 gradient partition and the persistent tensors and cou
 gathered largest layer, which is an engine buffer here.
 
 **EMA** weights are fp32 copies of the trainable weights. ``sharded`` (the default, what
-``training/ema.py`` does) keeps them partitioned like the fp32 master weights: each dp
+``parallel/ema.py`` does) keeps them partitioned like the fp32 master weights: each dp
 rank averages the weights its optimizer owns, padding excluded (ZeRO 1/2: the real
 elements of its range of the flat buffer; ZeRO 3: of its slice of each tensor; without
 ZeRO every rank owns all of them); ``replicated`` keeps a full copy per tp/pp shard on
@@ -457,7 +457,7 @@ def engine_buffers(shape: ModelShape, layout: Layout, precision: Precision, ds: 
 @dataclass(frozen=True)
 class MicroBatchTensors:
     """Rows of one micro-batch's tensors that a pipeline engine keeps (``parallel/pipeline.py``:
-    ``StageInputs`` on the first stage, ``StageLabels`` and the head's outputs on the last)."""
+    ``stage_micro_batch``'s inputs on the first stage, ``StageLabels`` and the head's outputs on the last)."""
 
     tokens: int  # T, the token budget
     vit_patches: int
@@ -486,7 +486,7 @@ class PipeBuffers:
 
 
 BOUNDARY_METADATA_BYTES = 32  # per token besides the hidden state: token_type, position_ids, target_roles, attn_lo/hi
-FIRST_STAGE_TOKEN_BYTES = 40  # per token of ``StageInputs``: input_ids and the boundary metadata
+FIRST_STAGE_TOKEN_BYTES = 40  # per token of ``stage_micro_batch``'s first-stage inputs: input_ids and the boundary metadata
 
 
 def pipe_buffer_count(layout: Layout, stage: int) -> int:
@@ -512,7 +512,7 @@ def pipeline_buffers(
       gradient of the hidden states, which later stages receive into their activation
       buffer), and for each of the min(buffers, m) pipe buffers in use what it loaded or
       computed, never freed before the next step overwrites it: the first stage's
-      ``StageInputs`` (T int64 ids and metadata, ViT pixels in b with int64 position ids
+      ``stage_micro_batch``'s first-stage inputs (T int64 ids and metadata, ViT pixels in b with int64 position ids
       and int32 ``cu_seqlens``, 2D latents in b with fp32 timesteps and int64 position
       ids), the last stage's ``StageLabels`` (int64 CE labels and modalities, velocity
       targets in the VAE's dtype and int64 modalities) and head outputs (the logits

@@ -1,15 +1,10 @@
 """Training checkpoints: DeepSpeed's model and optimizer state plus what exact resume needs.
 
-Layout under ``<run_dir>/checkpoints/`` (the names are this module's constants, also used by
-``convert/deepspeed_run.py`` and ``convert/universal.py``)::
-
-    step_00000040/               one tag per save (DeepSpeed's files: model and optimizer shards)
-        trainer_state.json       the step, the skipped-step counters and the resolved config
-        extras/rank_00000.pt     per rank: RNG states (torch, CUDA, Python, NumPy), the loader's state,
-                                 this rank's EMA pieces (training/ema.py) when training.ema_decay > 0
-        universal/               optional: the tag as full tensors, for another layout (convert/universal.py)
-        manifest.json            every file's size and CRC-32, written last (checkpoint_integrity.py)
-    latest                       the tag to resume from: only ever a tag whose manifest is written
+The directory layout under ``<run_dir>/checkpoints/`` (tags, ``latest``, ``trainer_state.json``,
+per-rank extras, ``universal/``) is named in ``modus_mega/checkpoint_layout.py``, which the
+converters read too; every tag ends with a ``manifest.json`` of its files' sizes and CRC-32s,
+written last (``checkpoint_integrity.py``), and ``latest`` only ever names a tag with one. The extras hold RNG states (torch, CUDA, Python, NumPy), the loader's
+state and this rank's EMA pieces (``parallel/ema.py``) when training.ema_decay > 0.
 
 With pp > 1 the same calls save and load the pipeline engine, which writes the model per
 stage: ``layer_<stage>-model_<tp>-model_states.pt`` (by dp rank 0 of each stage; keys are
@@ -60,30 +55,34 @@ import numpy as np
 import torch
 
 from modus_mega.checkpoint_integrity import (
-    LATEST,
     apply_retention,
     atomic_write_text,
     clean_stale,
     find_resume_tag,
-    read_latest,
     tag_for_step,
     tensor_bytes,
     write_errors,
     write_manifest,
 )
+from modus_mega.checkpoint_layout import (
+    EXTRAS_DIR,
+    LATEST,
+    OPTIMIZER_PARAM_NAMES,
+    TRAINER_STATE,
+    UNIVERSAL_DIR,
+    Layout,
+    extras_file,
+    latest_tag,
+    saved_layout,
+)
 from modus_mega.config import ModusConfig, config_to_dict
+from modus_mega.convert.universal import load_universal
 from modus_mega.data.loader import PackedLoader
 from modus_mega.data.reshard import reshard
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.parallel.pipeline import global_parameter_name
+from modus_mega.parallel.pipeline import ModusPipeline, global_parameter_name
 from modus_mega.safe_loading import WeightsOnlyCheckpointEngine, safe_load
 from modus_mega.training.engine import TrainEngine
-
-CHECKPOINTS_DIR = "checkpoints"  # <run_dir>/checkpoints: the tags and ``latest``
-TRAINER_STATE = "trainer_state.json"  # <tag>/trainer_state.json
-EXTRAS_DIR = "extras"  # <tag>/extras/rank_{rank:05d}.pt
-UNIVERSAL_DIR = "universal"  # <tag>/universal: the tag as full tensors (convert/universal.py)
-OPTIMIZER_PARAM_NAMES = "optimizer_param_names"  # key of DeepSpeed's model-states file: names in optimizer order
 
 logger = logging.getLogger(__name__)
 
@@ -95,56 +94,6 @@ class TrainerState:
     step: int  # optimizer steps completed
     skipped_steps: int = 0  # of those, skipped for a non-finite loss or gradient (training/failures.py)
     bad_in_a_row: int = 0  # the non-finite streak the last steps ended with
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The parallel layout whose shards a checkpoint's files are."""
-
-    tp: int
-    pp: int
-    dp: int
-    zero_stage: int
-
-    def rank(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
-        """The global rank of these coordinates (``ParallelContext``'s order: tp fastest, then dp, then pp)."""
-        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
-
-    def __str__(self) -> str:
-        return f"tp={self.tp}, pp={self.pp}, dp={self.dp}, ZeRO {self.zero_stage}"
-
-
-def checkpoint_root(cfg: ModusConfig) -> Path:
-    """The directory holding this run's checkpoint tags and ``latest``."""
-    return run_checkpoints(cfg.training.run_dir)
-
-
-def run_checkpoints(run_dir: str | Path) -> Path:
-    """The checkpoint directory of the run in ``run_dir``."""
-    return Path(run_dir) / CHECKPOINTS_DIR
-
-
-def extras_file(tag_dir: Path, rank: int) -> Path:
-    """Global rank ``rank``'s extras (RNG, loader, EMA pieces) in the tag ``tag_dir``."""
-    return tag_dir / EXTRAS_DIR / f"rank_{rank:05d}.pt"
-
-
-def saved_layout(tag_dir: Path) -> Layout:
-    """The layout the tag ``tag_dir`` was saved at: its config's tp, pp and ZeRO stage, dp from its extras files."""
-    parallel = json.loads((tag_dir / TRAINER_STATE).read_text())["config"]["parallel"]
-    tp, pp = parallel["tp"], parallel["pp"]
-    world_size = len(list((tag_dir / EXTRAS_DIR).glob("rank_*.pt")))
-    if world_size == 0 or world_size % (tp * pp):
-        raise ValueError(
-            f"{tag_dir / EXTRAS_DIR} holds {world_size} rank files, not a multiple of tp * pp = {tp} * {pp} "
-            f"(see {tag_dir / TRAINER_STATE}); the checkpoint is incomplete: use an earlier tag"
-        )
-    return Layout(tp, pp, world_size // (tp * pp), parallel["zero_stage"])
-
-
-def latest_tag(root: Path) -> str | None:
-    """The tag ``latest`` points at, or None when no checkpoint completed."""
-    return read_latest(root)
 
 
 def save_checkpoint(
@@ -239,10 +188,7 @@ def _load_other_layout(
             f"    python -m modus_mega.convert universal {tag_dir}\n"
             f"and relaunch (or resume at the saved layout)"
         )
-    # Local import: convert.universal reads tags through convert.deepspeed_run, which imports this module.
-    from modus_mega.convert.universal import load_universal
-
-    load_universal(engine, universal, ctx)
+    load_universal(engine.engine, engine.optimizer, engine.ema, universal, ctx)
     # Every tp and pp rank of a dp rank reads the same data: any of the saved ones carries its position.
     dp_rank = ctx.dp_rank if saved.dp == current.dp else 0  # another dp: the position is resharded from all
     return _read_extras(extras_file(tag_dir, saved.rank(tp_rank=0, dp_rank=dp_rank, pp_rank=0)))
@@ -281,7 +227,7 @@ def _read_extras(path: Path, mmap: bool = False) -> dict[str, Any]:
 
 def _optimizer_param_names(engine: TrainEngine) -> list[str]:
     """Global names of the parameters the optimizer updates, in its order (``training/engine.py`` builds it so)."""
-    rename = global_parameter_name if engine.pipeline is not None else str
+    rename = global_parameter_name if isinstance(engine.model, ModusPipeline) else str
     return [rename(name) for name, param in engine.model.named_parameters() if param.requires_grad]
 
 

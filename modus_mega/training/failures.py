@@ -2,8 +2,8 @@
 
 Detection is local and cheap, the decision global:
 
-- every micro-batch loss passes ``NonFiniteGuard.observe_loss`` (``TrainEngine.backward`` at
-  pp = 1; ``PipelineLoss`` on the last stage at pp > 1, the only stage with a loss);
+- every micro-batch loss passes ``NonFiniteGuard.observe_loss`` (in ``StepLoss``,
+  ``training/step.py``: at pp > 1 it runs on the last stage, the only stage with a loss);
 - a hook on every trainable parameter checks each gradient contribution as autograd
   produces it, before DeepSpeed reduces or partitions it. A reduced gradient (a sum over
   micro-batches and data-parallel ranks) is non-finite exactly when one of its
@@ -86,10 +86,18 @@ class NonFiniteGuard:
     ``verdict`` reads them once per optimizer step.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], device: torch.device) -> None:
+    def __init__(self, device: torch.device) -> None:
         self._loss_bad = torch.zeros((), dtype=torch.bool, device=device)
         self._grad_bad = torch.zeros((), dtype=torch.bool, device=device)
-        self._handles = [p.register_hook(self._check_grad) for p in params if p.requires_grad]
+        self._handles: list = []
+
+    def watch(self, params: Iterable[nn.Parameter]) -> None:
+        """Check every gradient contribution of the trainable ``params`` from now on.
+
+        Separate from construction: the loss that reports to the guard is made before the
+        model (a pipeline is built with its loss), the hooks once the model exists.
+        """
+        self._handles += [p.register_hook(self._check_grad) for p in params if p.requires_grad]
 
     def _check_grad(self, grad: Tensor) -> None:
         # A sum is non-finite iff an element is (finite gradients never sum past 3e38), and it

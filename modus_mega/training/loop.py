@@ -1,17 +1,15 @@
 """The training loop: any layout (one CPU process up to tp x dp x pp ranks), through DeepSpeed.
 
 A step reads top to bottom: take this rank's micro-batches, count the global batch's
-target tokens (all-reduced over dp), forward + backward each micro-batch, let DeepSpeed
-reduce, clip and step, log; checkpoint every ``training.checkpoint_every`` steps, at the
+target tokens (all-reduced over dp), run the step (``TrainEngine.train_step``: forward,
+loss, backward, clipping and the optimizer step, whatever the layout), log; checkpoint every ``training.checkpoint_every`` steps, at the
 end, and when SIGTERM / SIGUSR1 arrives on any rank (then stop). A step whose loss or
 gradient is non-finite is skipped and counted (``training/failures.py``); a rank that dies
 or hangs ends the job with that rank named (``parallel/watchdog.py``).
 
 Each data-parallel rank reads its own disjoint part of the data (``PackedLoader`` with
 this rank's dp coordinates); the tp ranks of one dp group build the same micro-batches,
-and so do the pp stages: with pp > 1 DeepSpeed's pipeline engine (``parallel/pipeline.py``)
-runs the step's micro-batches through the stages, and the last stage's loss sums are
-broadcast to the others for logging.
+and so do the pp stages (``training/step.py``: the loop never asks which step it runs).
 
 The log's ``skipped_samples`` and ``skipped/<reason>`` count the samples skipped since the
 run began, summed over dp ranks (one all-reduce of a vector in ``SKIP_REASONS`` order).
@@ -27,29 +25,25 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from modus_mega.checkpoint_layout import checkpoint_root
 from modus_mega.config import ModusConfig, save_config
 from modus_mega.data.loader import PackedLoader
 from modus_mega.data.packing import TOO_LONG
+from modus_mega.losses import NUM_LOSS_SUMS
 from modus_mega.modalities.faults import SkipReason
 from modus_mega.modalities import MODALITY_NAMES
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.watchdog import Watchdog
 from modus_mega.seeding import derive_seed
-from modus_mega.training.checkpoint import (
-    PreemptionSignal,
-    TrainerState,
-    checkpoint_root,
-    load_checkpoint,
-    save_checkpoint,
-)
+from modus_mega.training.checkpoint import PreemptionSignal, TrainerState, load_checkpoint, save_checkpoint
 from modus_mega.training.engine import build_engine
 from modus_mega.training.failures import BadStepCounter
-from modus_mega.training.losses import NUM_LOSS_SUMS, loss_sums, modus_loss
 from modus_mega.training.metrics import JsonlLog, plot_loss_curves, read_jsonl
 from modus_mega.training.observability import ThroughputMeter, WandbRun
 from modus_mega.training.prepare import prepare_step_inputs
 from modus_mega.training.samples import TrainingSampler
 from modus_mega.training.schedule import learning_rate
+from modus_mega.vocab import build_vocabulary
 
 # Why samples are skipped: the readers' reasons (modalities/faults.py), then the packer's (data/packing.py).
 SKIP_REASONS = tuple(reason.value for reason in SkipReason) + (TOO_LONG,)
@@ -89,7 +83,8 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
     torch.manual_seed(cfg.training.seed)
 
     engine = build_engine(cfg, ctx)
-    loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, engine.model.vocab, ctx.dp_rank, ctx.dp)
+    vocab = build_vocabulary(cfg.model.vocab)
+    loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, vocab, ctx.dp_rank, ctx.dp)
     fallback = cfg.training.resume == "fallback"  # a damaged latest tag: resume from the newest complete one
     state = (load_checkpoint(engine, loader, ctx, root, fallback) if cfg.training.resume else None) or TrainerState(step=0)
     resumed_from = state.step
@@ -127,22 +122,7 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
             )
 
             # [loss, ce_sum, mse_sum, modality sums..., modality counts...] of this rank, summed over dp below
-            if engine.pipeline is not None:  # pp > 1: DeepSpeed's pipeline runs the micro-batches through the stages
-                sums = engine.train_batch(steps_inputs, int(global_ce), int(global_mse))
-            else:
-                sums = torch.zeros(NUM_LOSS_SUMS, dtype=torch.float64)
-                for inputs in steps_inputs:
-                    logits, velocity = engine.forward(inputs.model, inputs.ce_index, inputs.mse_index)
-                    terms = modus_loss(
-                        logits, inputs.ce_labels, inputs.ce_modality,
-                        velocity, inputs.velocity_target, inputs.mse_modality,
-                        int(global_ce), int(global_mse), cfg.training.ce_weight, cfg.training.mse_weight,
-                        cross_entropy=engine.cross_entropy,
-                    )  # fmt: skip
-                    engine.backward(terms.loss)
-                    del logits, velocity  # not alive through the next micro-batch's forward
-                    engine.step()
-                    sums += loss_sums(terms).cpu()
+            sums = engine.train_step(steps_inputs, (int(global_ce), int(global_mse)))
             summed = ctx.all_reduce_dp(sums.tolist() + skip_counts(loader))  # one all-reduce for both
             totals, skips = summed[:NUM_LOSS_SUMS], summed[NUM_LOSS_SUMS:]  # [NUM_LOSS_SUMS], [len(SKIP_REASONS)]
             elapsed = time.perf_counter() - start

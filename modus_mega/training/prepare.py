@@ -10,7 +10,7 @@ Shapes: T packed tokens, N_vae 2D tokens, P latent patch dim, I_vae images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import fields
 
 import torch
 from torch import Tensor
@@ -20,20 +20,7 @@ from modus_mega.data.documents import IGNORE_LABEL
 from modus_mega.data.packing import PackedBatch
 from modus_mega.encoders.vae import FluxAutoEncoder, patchify_latents
 from modus_mega.flow import interpolate, velocity_target
-from modus_mega.model.inputs import TOKEN_VAE, ModelInputs
-
-
-@dataclass
-class StepInputs:
-    """Everything one forward + loss needs."""
-
-    model: ModelInputs
-    ce_index: Tensor  # [N_ce] long: positions whose next token is a 1D target token
-    ce_labels: Tensor  # [N_ce] long
-    ce_modality: Tensor  # [N_ce] long
-    mse_index: Tensor  # [N_mse] long: positions of noisy 2D tokens
-    velocity_target: Tensor  # [N_mse, P]
-    mse_modality: Tensor  # [N_mse] long
+from modus_mega.model.inputs import TOKEN_VAE, ModelInputs, StepInputs
 
 
 @torch.no_grad()
@@ -64,19 +51,9 @@ def prepare_step_inputs(batch: PackedBatch, vae: FluxAutoEncoder, cfg: ModelConf
     noisy = t > 0
     mse_index = vae_positions[noisy]
     ce_index = torch.nonzero(batch.ce_labels != IGNORE_LABEL, as_tuple=True)[0]
-    inputs = ModelInputs(
-        input_ids=batch.input_ids,
-        token_type=batch.token_type,
-        position_ids=batch.position_ids,
-        attn_lo=batch.attn_lo,
-        attn_hi=batch.attn_hi,
-        vit_patches=batch.vit_patches,
-        vit_position_ids=batch.vit_position_ids,
-        vit_cu_seqlens=batch.vit_cu_seqlens,
-        vae_tokens=interpolate(x0, noise, t),
-        vae_timesteps=t,
-        vae_position_ids=batch.vae_position_ids,
-    )
+    # Every model input the packer made passes through as it is; the 2D tokens are made here.
+    made = {"vae_tokens": interpolate(x0, noise, t), "vae_timesteps": t}
+    inputs = ModelInputs(**{f.name: made[f.name] if f.name in made else getattr(batch, f.name) for f in fields(ModelInputs)})
     return StepInputs(
         model=inputs,
         ce_index=ce_index,

@@ -44,7 +44,7 @@ from modus_mega.modalities import image_modalities, modality, to_image
 from modus_mega.ops.attention import get_attention_backend
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.seeding import derive_seed
-from modus_mega.training.ema import assemble_ema
+from modus_mega.parallel.ema import assemble_ema
 from modus_mega.training.engine import TrainEngine
 from modus_mega.training.observability import WandbRun
 
@@ -121,9 +121,9 @@ class TrainingSampler:
     def generate(self, engine: TrainEngine) -> list[SheetRow]:
         """The contact-sheet rows of every held-out request, generated with a serial copy of the current weights."""
         cfg = self.cfg.model
-        model, _ = load_model(cfg, self._weights(engine), False, self.ctx.device, engine.compute_dtype)
+        model, _ = load_model(cfg, self._weights(engine), False, self.ctx.device, engine.step.compute_dtype)
         attention = get_attention_backend(cfg.attention_backend, self.ctx.device, head_dim=cfg.llm.head_dim,
-                                          dtype=engine.compute_dtype)  # fmt: skip
+                                          dtype=engine.step.compute_dtype)  # fmt: skip
         generator = Generator(model, engine.vae, attention, self.cfg.data)
         size = (self.cfg.data.image_size, self.cfg.data.image_size)
         settings = Settings(image_size=size, steps=SAMPLE_STEPS, seed=derive_seed("training-samples", self.cfg.training.seed))

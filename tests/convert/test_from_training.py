@@ -30,17 +30,17 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import Tensor
 
+from modus_mega.checkpoint_layout import checkpoint_root, resumes_from_checkpoint
 from modus_mega.config import ModusConfig, config_from_dict, config_to_dict
 from modus_mega.convert.__main__ import main
 from modus_mega.convert.bagel import write_bagel
 from modus_mega.convert.deepspeed_run import DeepSpeedRunSource
 from modus_mega.convert.hf import open_hf
 from modus_mega.convert.keymap import VAE_PREFIX, VOCAB_TENSORS
-from modus_mega.convert.run_init import resumes_from_checkpoint
 from modus_mega.convert.source import extend_vocab_rows
 from modus_mega.data.loader import PackedLoader
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.training.checkpoint import TrainerState, checkpoint_root, save_checkpoint
+from modus_mega.training.checkpoint import TrainerState, save_checkpoint
 from modus_mega.training.engine import build_engine
 from modus_mega.training.loop import train
 from tests.convert.helpers import TOKENIZER_FILES, random_reference, tiny_config, write_release

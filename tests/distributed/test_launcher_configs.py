@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from modus_mega.checkpoint_layout import Layout, saved_layout
 from modus_mega.config import config_to_dict, load_config
 from modus_mega.datasets.synth import SynthConfig, write_dataset
 from modus_mega.datasets.train_text import main as train_text
 from modus_mega.datasets.train_vq import main as train_vq
-from modus_mega.training.checkpoint import Layout, saved_layout
 from tests.conftest import REPO
 from tests.distributed.helpers import rendezvous_store
 

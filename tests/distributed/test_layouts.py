@@ -25,9 +25,9 @@ import torch
 
 from modus_mega.config import config_from_dict, config_to_dict
 from modus_mega.data.loader import PackedLoader
+from modus_mega.losses import modus_loss
+from modus_mega.parallel.build import build_model, build_vae
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.training.engine import build_model
-from modus_mega.training.losses import modus_loss
 from modus_mega.training.loop import micro_batch_generator, train
 from modus_mega.training.prepare import prepare_step_inputs
 from tests.distributed.helpers import run_distributed
@@ -64,7 +64,7 @@ def _serial_worker(raw: dict, out: str) -> None:
     cfg = config_from_dict(copy.deepcopy(raw))
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
-        model, vae = build_model(cfg, ctx)
+        model, vae = build_model(cfg, ctx), build_vae(cfg, ctx)
         inputs = []
         for dp_rank in range(2):
             loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, model.vocab, dp_rank, 2)

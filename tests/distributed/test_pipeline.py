@@ -30,9 +30,9 @@ import torch.distributed as dist
 from modus_mega.config import config_from_dict, config_to_dict
 from modus_mega.model.init import init_weights
 from modus_mega.model.modus import ModusModel
+from modus_mega.parallel.build import build_model
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.parallel.pipeline import build_pipeline_model, global_parameter_name
-from modus_mega.parallel.tensor_parallel import build_linears
+from modus_mega.parallel.pipeline import global_parameter_name
 from modus_mega.training.loop import train
 from tests.distributed.helpers import config_with, run_distributed, run_in_layout
 
@@ -66,7 +66,7 @@ def _two_rank_worker(raw: dict, out: str) -> None:
     cfg = config_with(raw, PP2, root / "init")
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
-        pipeline = build_pipeline_model(cfg, ctx, build_linears(ctx, cfg.model.llm))
+        pipeline = build_model(cfg, ctx)
         weights = {global_parameter_name(n): p.detach().clone() for n, p in pipeline.named_parameters()}
         torch.save(weights, root / f"init_stage{ctx.pp_rank}.pt")
     finally:

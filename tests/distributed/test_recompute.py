@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from modus_mega.config import ModusConfig, config_from_dict, config_to_dict
+from modus_mega.losses import modus_loss
+from modus_mega.model.inputs import StepInputs
+from modus_mega.parallel.build import build_model
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.recompute import apply_activation_checkpointing, is_recomputed
 from modus_mega.parallel.tensor_parallel import cross_entropy_fn
-from modus_mega.training.engine import build_model
-from modus_mega.training.losses import modus_loss
-from modus_mega.training.prepare import StepInputs
 from tests.distributed.helpers import run_distributed
 from tests.model.helpers import step_inputs
 
@@ -32,7 +32,7 @@ def _loss_grads_saved(
     cfg: ModusConfig, ctx: ParallelContext, inputs: StepInputs
 ) -> tuple[float, dict[str, torch.Tensor], int]:
     """Loss, gradients by name, and bytes of tensors autograd saved for the backward, of ``cfg``'s model."""
-    model, _ = build_model(cfg, ctx)
+    model = build_model(cfg, ctx)
     saved_bytes = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ def serial_runs() -> dict[str, tuple[float, dict[str, torch.Tensor], int]]:
     cfg = copy.deepcopy(_TINY)
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
-        probe, _ = build_model(cfg, ctx)
+        probe = build_model(cfg, ctx)
         inputs = step_inputs(copy.deepcopy(cfg), probe.vocab, num_samples=4, seed=0)
         assert inputs.ce_index.numel() and inputs.mse_index.numel(), "the micro-batch needs 1D and 2D targets"
         variants = {"none": ("none", 0), "full": ("full", 0), "first": ("full", 1)}
@@ -121,7 +121,7 @@ def _tp_worker(raw: dict, out: str) -> None:
     cfg = config_from_dict(raw)
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
-        probe, _ = build_model(cfg, ctx)
+        probe = build_model(cfg, ctx)
         inputs = step_inputs(copy.deepcopy(cfg), probe.vocab, num_samples=4, seed=0)
         loss, grads, _ = _loss_grads_saved(_with(cfg, "none"), ctx, inputs)
         loss_r, grads_r, _ = _loss_grads_saved(_with(cfg, "full"), ctx, inputs)

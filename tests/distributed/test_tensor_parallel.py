@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from modus_mega.config import ModusConfig, config_from_dict, config_to_dict
+from modus_mega.losses import modus_loss, serial_cross_entropy
 from modus_mega.model.init import init_weights
 from modus_mega.model.modus import ModusModel
 from modus_mega.parallel.context import ParallelContext
@@ -24,7 +25,6 @@ from modus_mega.parallel.tensor_parallel import (
     gather_tensor_parallel,
     init_hooks,
 )
-from modus_mega.training.losses import modus_loss, serial_cross_entropy
 from tests.distributed.helpers import run_distributed
 from tests.model.helpers import step_inputs
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from modus_mega.config import ModusConfig, ParallelConfig, config_from_dict, config_to_dict
+from modus_mega.losses import modus_loss
 from modus_mega.model.init import init_weights
 from modus_mega.model.inputs import TOKEN_VAE, TOKEN_VIT
 from modus_mega.model.modus import ModusModel
@@ -37,7 +38,6 @@ from modus_mega.plan.memory import FP32
 from modus_mega.plan.shapes import model_shape
 from modus_mega.plan.timing import tensor_parallel_traffic
 from modus_mega.plan.workload import MicroBatch
-from modus_mega.training.losses import modus_loss
 from tests.distributed.helpers import run_distributed
 from tests.model.helpers import step_inputs
 

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_optimizer_state
 
+from modus_mega.checkpoint_layout import UNIVERSAL_DIR, extras_file, run_checkpoints
 from modus_mega.config import ModusConfig, config_to_dict
 from modus_mega.convert.__main__ import main
 from modus_mega.convert.deepspeed_run import ADAM_STATES
@@ -48,7 +49,7 @@ from modus_mega.data.loader import PackedLoader
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.pipeline import global_parameter_name
 from modus_mega.parallel.tensor_parallel import init_hooks
-from modus_mega.training.checkpoint import UNIVERSAL_DIR, extras_file, load_checkpoint, run_checkpoints
+from modus_mega.training.checkpoint import load_checkpoint
 from modus_mega.training.engine import TrainEngine, build_engine
 from modus_mega.training.loop import train
 from tests.distributed.helpers import run_distributed, run_in_layout

@@ -33,7 +33,7 @@ from modus_mega.model.modus import ModusModel
 from modus_mega.ops.attention_reference import ReferenceAttention
 from modus_mega.tokenizers.text import train_tiny_text_tokenizer
 from modus_mega.tokenizers.vq import FeatureQuantizer
-from modus_mega.training.losses import modus_loss
+from modus_mega.losses import modus_loss
 from modus_mega.training.prepare import prepare_step_inputs
 from tests.conftest import REPO
 

@@ -10,7 +10,8 @@ from modus_mega.data.packing import PackedBatch, Packer
 from modus_mega.data.procedural import procedural_sample
 from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.model.init import init_weights
-from modus_mega.training.prepare import StepInputs, prepare_step_inputs
+from modus_mega.model.inputs import StepInputs
+from modus_mega.training.prepare import prepare_step_inputs
 
 
 def packed_batch(cfg: ModusConfig, vocab, num_samples: int = 4, seed: int = 0) -> PackedBatch:

@@ -16,7 +16,7 @@ from modus_mega.model.modus import ModusModel
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.fp8 import FLOAT8_LINEARS, apply_float8, compute_dtype, float8_autocast
 from modus_mega.parallel.fp8_torchao import Float8Linear
-from modus_mega.training.losses import modus_loss, serial_cross_entropy
+from modus_mega.losses import modus_loss, serial_cross_entropy
 from tests.model.helpers import step_inputs
 
 

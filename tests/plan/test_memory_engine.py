@@ -12,7 +12,7 @@ optimizer's buffers, the wrapped AdamW's state):
   and the frozen VAE, which is not part of the engine;
 - master weights (after the step): the tensors AdamW steps that are not module storages;
 - optimizer states (after the step): the AdamW's state (exp_avg, exp_avg_sq, step);
-- EMA (``training/ema.py``, which the engine holds beside DeepSpeed): its fp32 shadow
+- EMA (``parallel/ema.py``, which the engine holds beside DeepSpeed): its fp32 shadow
   tensors, except for bf16 without ZeRO at pp = 1, where the EMA has no fp32 master to average;
 - reduce buckets: ZeRO's ``ipg_buckets`` (DeepSpeed's name for them);
 - pipe buffers (pp > 1): what the ``PipelineEngine`` keeps in its ``pipe_buffers``, receive
@@ -57,9 +57,12 @@ from megatron.core import parallel_state
 from modus_mega.config import config_from_dict, config_to_dict
 from modus_mega.data.documents import IGNORE_LABEL
 from modus_mega.data.loader import PackedLoader
+from modus_mega.losses import modus_loss
 from modus_mega.model.modus import ModusModel
+from modus_mega.parallel.build import build_model, build_vae
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.parallel.pipeline import PipelineStage, build_pipeline_model, stage_micro_batch
+from modus_mega.parallel.ema import EmaWeights
+from modus_mega.parallel.pipeline import PipelineStage, stage_micro_batch
 from modus_mega.parallel.tensor_parallel import cross_entropy_fn
 from modus_mega.plan.layout import Layout
 from modus_mega.plan.memory import (
@@ -77,12 +80,11 @@ from modus_mega.plan.memory import (
     zero_elements,
 )
 from modus_mega.plan.shapes import ModelShape, model_shape
-from modus_mega.training.ema import EmaWeights
-from modus_mega.training.engine import build_engine, build_model, build_vae, deepspeed_config, select_linears
-from modus_mega.training.failures import SkippableAdamW
-from modus_mega.training.losses import modus_loss
+from modus_mega.training.engine import build_engine, deepspeed_config
+from modus_mega.training.failures import NonFiniteGuard, SkippableAdamW
 from modus_mega.training.loop import micro_batch_generator
 from modus_mega.training.prepare import prepare_step_inputs
+from modus_mega.training.step import StepLoss, loss_scale
 from tests.distributed.helpers import run_distributed
 
 ACCUMULATION = 2  # one micro-batch before the accumulation boundary, one at it
@@ -216,14 +218,12 @@ def _as_list(buffer: Any) -> list[torch.Tensor]:
     return list(buffer) if isinstance(buffer, (list, tuple)) else [buffer]
 
 
-def _bf16_engine(cfg: Any, ctx: ParallelContext) -> tuple[Any, Any]:
+def _bf16_engine(cfg: Any, ctx: ParallelContext) -> tuple[Any, Any, StepLoss]:
     """The engine GPU training builds (``deepspeed_config`` with bf16 on), here on CPU: ``build_engine``'s steps."""
     import deepspeed
 
-    if ctx.pp > 1:
-        model, vae = build_pipeline_model(cfg, ctx, select_linears(cfg, ctx)), build_vae(cfg, ctx)
-    else:
-        model, vae = build_model(cfg, ctx)
+    loss = StepLoss(cfg.training, cross_entropy_fn(ctx), loss_scale(cfg, ctx), NonFiniteGuard(ctx.device))
+    model, vae = build_model(cfg, ctx, loss_fn=loss), build_vae(cfg, ctx)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = SkippableAdamW(params, lr=cfg.training.optim.lr)  # as build_engine
     config = deepspeed_config(cfg, ctx)
@@ -232,7 +232,7 @@ def _bf16_engine(cfg: Any, ctx: ParallelContext) -> tuple[Any, Any]:
         model=model, optimizer=optimizer, model_parameters=params, config=config,
         mpu=None if ctx.pp > 1 else ctx.deepspeed_mpu(), dist_init_required=False,
     )  # fmt: skip
-    return engine, vae
+    return engine, vae, loss
 
 
 Snapshot = tuple[Storages, dict[str, set[int]]]  # what the engine holds at one point, and its kinds then
@@ -275,7 +275,9 @@ def _observe_instructions(ds_engine: Any, observe: Callable[[str], None]) -> Non
     ds_engine._INSTRUCTION_MAP = {kind: followed(kind.__name__, run) for kind, run in table.items()}
 
 
-def _run_pipeline(cfg: Any, ctx: ParallelContext, ds_engine: Any, vae: Any, dtype: torch.dtype) -> tuple[list[Snapshot], dict]:
+def _run_pipeline(
+    cfg: Any, ctx: ParallelContext, ds_engine: Any, vae: Any, dtype: torch.dtype, loss: StepLoss
+) -> tuple[list[Snapshot], dict]:
     """pp > 1: two optimizer steps of ``train_batch``; in the second, the pipe buffers after every
     instruction and a snapshot after each backward and after the reduction (module docstring)."""
     loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, ds_engine.module.vocab, ctx.dp_rank, ctx.dp)
@@ -300,8 +302,8 @@ def _run_pipeline(cfg: Any, ctx: ParallelContext, ds_engine: Any, vae: Any, dtyp
     _observe_instructions(ds_engine, observe)
     for step in range(PIPELINE_STEPS):
         measuring = step == PIPELINE_STEPS - 1
-        ds_engine.module.loss_fn.begin_step(int(num_ce), int(num_mse))
-        ds_engine.train_batch(iter([stage_micro_batch(s, dtype) for s in steps]))
+        loss.begin_step((int(num_ce), int(num_mse)))
+        ds_engine.train_batch(iter([stage_micro_batch(dataclasses.replace(s, model=s.model.in_compute_dtype(dtype))) for s in steps]))
     model = steps[0].model
     tensors = MicroBatchTensors(
         tokens=model.token_type.numel(),
@@ -324,16 +326,18 @@ def _measure_layout(raw: dict, layout: dict[str, Any]) -> dict[str, Any]:
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
         if layout["bf16"]:
-            ds_engine, vae = _bf16_engine(cfg, ctx)
+            ds_engine, vae, loss = _bf16_engine(cfg, ctx)
             # The EMA averages DeepSpeed's fp32 master fragments, which its ZeRO-0 bf16 wrapper
             # does not link at pp = 1 (a pipeline's BF16_Optimizer does).
             ema = EmaWeights(ds_engine.module, EMA_DECAY) if layout["zero"] or ctx.pp > 1 else None
         else:
             train_engine = build_engine(cfg, ctx)
-            ds_engine, vae, ema = train_engine.engine, train_engine.vae, train_engine.ema
+            ds_engine, vae, ema, loss = train_engine.engine, train_engine.vae, train_engine.ema, train_engine.step.loss
         dtype = torch.bfloat16 if layout["bf16"] else torch.float32
-        run = _run_pipeline if ctx.pp > 1 else _run_micro_batches
-        snapshots, extra = run(cfg, ctx, ds_engine, vae, dtype)
+        if ctx.pp > 1:
+            snapshots, extra = _run_pipeline(cfg, ctx, ds_engine, vae, dtype, loss)
+        else:
+            snapshots, extra = _run_micro_batches(cfg, ctx, ds_engine, vae, dtype)
         final = _kinds(ds_engine)
         after_step = _classify(_storages(ds_engine), final)
         # ZeRO 3 hands AdamW its master partitions only inside the step; they live from

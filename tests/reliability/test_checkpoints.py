@@ -30,12 +30,12 @@ from modus_mega.checkpoint_integrity import (
     atomic_write_text,
     clean_stale,
     find_resume_tag,
-    read_latest,
     tag_for_step,
     verify_tag,
     write_errors,
     write_manifest,
 )
+from modus_mega.checkpoint_layout import latest_tag
 from modus_mega.config import ModusConfig, validate
 from modus_mega.safe_loading import UnsafeCheckpointError, safe_load
 from modus_mega.training.metrics import read_jsonl
@@ -108,7 +108,7 @@ def test_fallback_takes_the_newest_complete_tag_and_logs_it(
     with caplog.at_level(logging.WARNING):
         assert find_resume_tag(tmp_path, fallback=True) == good
     assert f"fallback: resuming from {good}" in caplog.text
-    assert read_latest(tmp_path) == good  # latest names a verified tag again
+    assert latest_tag(tmp_path) == good  # latest names a verified tag again
     if good == "step_00000004":
         assert not (tmp_path / "step_00000006").exists()  # a new save may reuse the name
         assert (tmp_path / ("step_00000006" + DAMAGED_SUFFIX)).is_dir()  # kept for inspection

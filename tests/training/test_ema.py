@@ -19,7 +19,7 @@ import torch
 
 from modus_mega.config import ModusConfig, config_from_dict, config_to_dict
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.training.ema import assemble_ema
+from modus_mega.parallel.ema import assemble_ema
 from tests.distributed.helpers import run_distributed
 
 DECAY = 0.8
@@ -51,7 +51,6 @@ def _full_weights(engine, zero_stage: int) -> dict[str, torch.Tensor]:
 def _train_and_track(cfg: ModusConfig, ctx: ParallelContext) -> tuple[dict[str, torch.Tensor], object]:
     """Run STEPS optimizer steps; return the hand-computed EMA of the full weights and the engine."""
     from modus_mega.training.engine import build_engine
-    from modus_mega.training.losses import modus_loss
     from tests.model.helpers import step_inputs
 
     engine = build_engine(cfg, ctx)
@@ -59,14 +58,8 @@ def _train_and_track(cfg: ModusConfig, ctx: ParallelContext) -> tuple[dict[str, 
     reference = _full_weights(engine, zero)
     for step in range(STEPS):
         inputs = step_inputs(copy.deepcopy(cfg), engine.model.vocab, num_samples=2, seed=10 * step + ctx.dp_rank)
-        logits, velocity = engine.forward(inputs.model, inputs.ce_index, inputs.mse_index)
         num_ce, num_mse = ctx.all_reduce_dp([inputs.ce_index.numel(), inputs.mse_index.numel()])
-        terms = modus_loss(
-            logits, inputs.ce_labels, inputs.ce_modality, velocity, inputs.velocity_target, inputs.mse_modality,
-            int(num_ce), int(num_mse), cross_entropy=engine.cross_entropy,
-        )  # fmt: skip
-        engine.backward(terms.loss)
-        engine.step()
+        engine.train_step([inputs], (int(num_ce), int(num_mse)))
         assert engine.last_health.ok
         weights = _full_weights(engine, zero)
         reference = {n: DECAY * reference[n] + (1 - DECAY) * weights[n] for n in reference}

@@ -2,7 +2,7 @@
 
 Faults are injected from the tests only: a NaN factor on one micro-batch's loss, a
 forward hook whose backward turns the gradient into NaN (finite loss, non-finite
-gradient), or a patched ``modus_loss`` in the training loop.
+gradient), or a patched ``modus_loss`` in the training step.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -42,18 +43,18 @@ def _snapshot(engine) -> dict[str, torch.Tensor]:
 
 def _step(engine, cfg: ModusConfig, ctx: ParallelContext, seed: int, loss_factor: float = 1.0) -> StepHealth:
     """One optimizer step on a fresh micro-batch; the loss is multiplied by ``loss_factor``."""
-    from modus_mega.training.losses import modus_loss
+    import modus_mega.training.step as step_module
     from tests.model.helpers import step_inputs
 
+    def scaled_loss(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        return dataclasses.replace(terms, loss=terms.loss * loss_factor)
+
+    original = step_module.modus_loss
     inputs = step_inputs(copy.deepcopy(cfg), engine.model.vocab, num_samples=2, seed=seed)
-    logits, velocity = engine.forward(inputs.model, inputs.ce_index, inputs.mse_index)
     num_ce, num_mse = ctx.all_reduce_dp([inputs.ce_index.numel(), inputs.mse_index.numel()])
-    terms = modus_loss(
-        logits, inputs.ce_labels, inputs.ce_modality, velocity, inputs.velocity_target, inputs.mse_modality,
-        int(num_ce), int(num_mse), cross_entropy=engine.cross_entropy,
-    )  # fmt: skip
-    engine.backward(terms.loss * loss_factor)
-    engine.step()
+    with mock.patch.object(step_module, "modus_loss", scaled_loss):
+        engine.train_step([inputs], (int(num_ce), int(num_mse)))
     return engine.last_health
 
 
@@ -160,10 +161,11 @@ def test_counter_resets_on_a_good_step_and_stops_at_the_limit() -> None:
 
 def test_train_logs_skipped_steps_and_aborts(tiny_config: ModusConfig, tmp_path: Path, monkeypatch) -> None:
     import modus_mega.training.loop as loop
+    import modus_mega.training.step as step_module
 
     bad_steps = {1, 3, 4}
     calls = []
-    original = loop.modus_loss
+    original = step_module.modus_loss
 
     def faulty_loss(*args, **kwargs):
         terms = original(*args, **kwargs)
@@ -171,7 +173,7 @@ def test_train_logs_skipped_steps_and_aborts(tiny_config: ModusConfig, tmp_path:
         calls.append(step)
         return dataclasses.replace(terms, loss=terms.loss * float("nan")) if step in bad_steps else terms
 
-    monkeypatch.setattr(loop, "modus_loss", faulty_loss)
+    monkeypatch.setattr(step_module, "modus_loss", faulty_loss)
     cfg = _configure(tiny_config)
     cfg.training.steps, cfg.training.log_every, cfg.training.max_bad_steps = 8, 1, 2
     cfg.training.run_dir = str(tmp_path)

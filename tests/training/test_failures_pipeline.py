@@ -62,16 +62,16 @@ def _watched(build_engine, steps: list[dict]):
 
     def build(cfg, ctx: ParallelContext):
         engine = build_engine(cfg, ctx)
-        train_batch = engine.train_batch
+        train_step = engine.train_step
 
-        def watched_train_batch(*args):
+        def watched_train_step(*args):
             step = len(steps)
             handle = None
             if step == NAN_GRADIENT_STEP and ctx.pp_rank == 0:
                 first_layer = next(iter(engine.model.stage.layers.values()))
                 handle = first_layer.register_forward_hook(lambda module, inputs, out: _NaNGradient.apply(out))
             before = _snapshot(engine)
-            sums = train_batch(*args)
+            sums = train_step(*args)
             after = _snapshot(engine)
             if handle is not None:
                 handle.remove()
@@ -80,15 +80,15 @@ def _watched(build_engine, steps: list[dict]):
             steps.append({"health": dataclasses.asdict(engine.last_health), "changed": changed, "finite": finite})
             return sums
 
-        engine.train_batch = watched_train_batch
+        engine.train_step = watched_train_step
         return engine
 
     return build
 
 
 def _worker(raw: dict, out: str) -> None:
-    import modus_mega.parallel.pipeline as pipeline
     import modus_mega.training.loop as loop
+    import modus_mega.training.step as step_module
 
     for name, zero_stage in LAYOUTS.items():
         cfg = config_from_dict(copy.deepcopy(raw))
@@ -99,7 +99,7 @@ def _worker(raw: dict, out: str) -> None:
         error = None
         try:
             with (
-                mock.patch.object(pipeline, "modus_loss", _faulty_loss(pipeline.modus_loss)),
+                mock.patch.object(step_module, "modus_loss", _faulty_loss(step_module.modus_loss)),
                 mock.patch.object(loop, "build_engine", _watched(loop.build_engine, steps)),
             ):
                 loop.train(cfg, ctx)

@@ -6,10 +6,10 @@ import math
 
 import torch
 
+from modus_mega.losses import modus_loss
 from modus_mega.modalities import MODALITY_ID
 from modus_mega.model.init import init_weights
 from modus_mega.model.modus import ModusModel
-from modus_mega.training.losses import modus_loss
 from tests.model.helpers import step_inputs
 
 

@@ -1,5 +1,8 @@
 """The MODUS objective: CE on the target's 1D tokens + flow-matching MSE on its 2D tokens.
 
+A top-level module (below ``parallel/`` and ``training/``): the training step calls it
+and a pipeline's last stage runs the loss it is given, so neither imports the other.
+
 Each term is a SUM over this micro-batch's target tokens divided by the number of target
 tokens in the whole global batch (all micro-batches of the step, all data-parallel
 ranks), so gradient accumulation and data parallelism give the same gradient as one big
@@ -9,7 +12,7 @@ batch (DESIGN §3). The MSE of a token is the mean over its P latent dims (BAGEL
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,20 @@ from modus_mega.modalities import NUM_MODALITIES
 
 # (logits [N, V], labels [N]) -> per-token loss [N]; the vocab-parallel version lives in parallel/.
 CrossEntropyFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class LossTargets(Protocol):
+    """What a micro-batch's loss compares the heads' outputs with (``StepInputs``, or the last stage's labels)."""
+
+    ce_labels: Tensor  # [N_ce] long: the 1D target token each CE position predicts
+    ce_modality: Tensor  # [N_ce] long: its target modality
+    velocity_target: Tensor  # [N_mse, P]: eps - x0 of each noisy 2D token
+    mse_modality: Tensor  # [N_mse] long
+
+
+# (logits [N_ce, V], velocity [N_mse, P], targets) -> the scalar a step back-propagates for one micro-batch.
+# The training step builds it (``training/step.py``); a pipeline's last stage receives and runs it.
+MicroBatchLoss = Callable[[Tensor, Tensor, LossTargets], Tensor]
 
 
 def serial_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
