@@ -67,7 +67,7 @@ def test_config_defaults_and_validation(tiny_config: ModusConfig) -> None:
     for key, value, message in (
         ("precision", "fp16", "training.precision = 'fp16' is not one of"),
         ("fp8", {"recipe": "blockwise"}, "training.fp8.recipe = 'blockwise' is not one of"),
-        ("fp8", {"amax_history_len": 0}, "training.fp8.amax_history_len: must be at least 1"),
+        ("fp8", {"amax_history_len": 0}, "training.fp8.amax_history_len = 0 is out of range"),
     ):
         bad = copy.deepcopy(raw)
         bad["training"][key] = value
