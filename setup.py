@@ -21,7 +21,8 @@ RUNTIME_REQUIREMENTS = [
     "torch>=2.6",
     "deepspeed>=0.16",
     "megatron-core>=0.12,<0.17",
-    "transformers>=4.51",
+    "torchao>=0.18",  # FP8 linears (training.precision = "fp8"); pure Python, runs on CPU
+    "transformers>=5.0",
     "safetensors>=0.4",
     "einops>=0.7",
     "webdataset>=0.2.90",
@@ -32,11 +33,13 @@ RUNTIME_REQUIREMENTS = [
     "opencv-python-headless>=4.8",
     "matplotlib>=3.7",
     "tqdm>=4.66",
+    "scipy>=1.10",
+    "pycocotools>=2.0.7",
 ]
 
 EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6"],
-    "test": ["pytest>=8", "diffusers>=0.30"],
+    "test": ["pytest>=8", "diffusers>=0.30", "torchmetrics>=1.4", "faster-coco-eval>=1.6", "scikit-learn>=1.3"],
 }
 
 setup(

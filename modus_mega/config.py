@@ -172,6 +172,16 @@ class OptimConfig:
 
 
 @dataclass
+class Float8Config:
+    """FP8 compute of the MoT linears (``training.precision = "fp8"``); weights, gradients and Adam stay high precision."""
+
+    recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = "tensorwise"  # torchao dynamic scaling: one scale per tensor, or per row (power-of-2 scales, e4m3 gradients; gw_hp: weight gradient in bf16)
+    emulate: bool = False  # torchao: dequantize and multiply in fp32 instead of torch._scaled_mm (for GPUs without FP8 units)
+    te_recipe: Literal["delayed", "current"] = "delayed"  # parallel.tp_backend=te: scales from an amax history (checkpointed) or from each tensor's current amax
+    amax_history_len: int = 1024  # te_recipe=delayed: steps of amax history kept per tensor
+
+
+@dataclass
 class TrainingConfig:
     """The training loop: steps, batch, losses, logging."""
 
@@ -188,6 +198,8 @@ class TrainingConfig:
     run_dir: str = "runs/default"  # outputs: resolved config, metrics.jsonl, loss curve
     ema_decay: float = 0.0  # fp32 EMA of the trainable weights, saved in checkpoints; 0 disables (BAGEL: 0.9999)
     max_bad_steps: int = 5  # a non-finite (NaN/Inf) loss or gradient skips the step; this many in a row stop the run
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"  # compute precision; auto: bf16 on GPU, fp32 on CPU; fp8: bf16 with FP8 MoT linears (training.fp8)
+    fp8: Float8Config = field(default_factory=Float8Config)  # the FP8 recipe, used when precision = "fp8"
     peak_tflops: float = 0.0  # dense peak TFLOP/s of one accelerator at the compute dtype, for MFU (H100 SXM bf16: 989); 0: no MFU
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: $WANDB_MODE, else online if WANDB_API_KEY is set, else offline
     wandb_project: str = "modus"  # wandb project of the run
@@ -477,6 +489,10 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("training.ema_decay", f"{training.ema_decay} must lie in [0, 1); 0 disables the EMA, BAGEL uses 0.9999")
     if training.max_bad_steps < 1:
         fail("training.max_bad_steps", "must be at least 1 (the number of non-finite steps in a row that stops the run)")
+    if training.fp8.amax_history_len < 1:
+        fail("training.fp8.amax_history_len", "must be at least 1 (steps of amax history per tensor; TE's default is 1024)")
+    if training.precision == "fp8" and training.fp8.emulate and par.tp_backend == "te":
+        fail("training.fp8.emulate", "is torchao's option; Transformer Engine (parallel.tp_backend=te) has no emulated FP8: set it false")
     if training.peak_tflops < 0:
         fail("training.peak_tflops", "must be 0 (no MFU) or the accelerator's peak TFLOP/s, e.g. 989 for an H100 SXM at bf16")
     if config.training.checkpoint_every < 0:

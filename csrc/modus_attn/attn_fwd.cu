@@ -21,7 +21,7 @@ cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream) {
 
 cudaError_t launch_attention_forward(const FwdParams& params, DType dtype, int head_dim,
                                      cudaStream_t stream) {
-  if (params.num_tokens == 0) return cudaSuccess;
+  if (params.num_queries == 0) return cudaSuccess;
   if (dtype == DType::kBF16) {
     if (head_dim == 64) return launch_forward<__nv_bfloat16, 64>(params, stream);
     if (head_dim == 128) return launch_forward<__nv_bfloat16, 128>(params, stream);

@@ -1,5 +1,7 @@
 // Forward kernel: out = softmax(scale * q k^T + mask) v over the tiles of the block list, and
-// the log-sum-exp of every query row.
+// the log-sum-exp of every query row. Query row r sits at absolute position q_offset + r of the
+// keys (queries over a cache); the mask compares absolute positions, everything else indexes
+// query rows.
 //
 // Thread block = one query block of kFwdBlockQ = 128 rows x one query head; 8 warps, warp w
 // owns rows [16w, 16w + 16) for the whole kernel (Q fragments, O accumulator, softmax state
@@ -41,7 +43,8 @@ __global__ void __launch_bounds__(kNumThreads, 1) attention_forward_kernel(const
   Elem* sK = sQ + Tile::kQElems;             // [2][kBlockK][D]
   Elem* sV = sK + 2 * Tile::kKVElems;        // [2][kBlockK][D]
 
-  const int num_tokens = p.num_tokens;
+  const int num_tokens = p.num_tokens;    // keys
+  const int num_queries = p.num_queries;  // query rows
   const int q_block = p.fwd_list.order[blockIdx.x];
   const int head = blockIdx.y;
   const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
@@ -49,7 +52,7 @@ __global__ void __launch_bounds__(kNumThreads, 1) attention_forward_kernel(const
   const int lane = threadIdx.x % 32;
   const int grp = lane / 4;
   const int quad = lane % 4;
-  const int row0 = q_block * kBlockQ;
+  const int row0 = q_block * kBlockQ;  // first query row of the block
 
   const int num_tiles = p.fwd_list.counts[q_block];
   const int32_t* tiles = p.fwd_list.blocks + static_cast<int64_t>(q_block) * p.fwd_list.row_stride;
@@ -67,7 +70,7 @@ __global__ void __launch_bounds__(kNumThreads, 1) attention_forward_kernel(const
   };
 
   // Prologue: group 0 = Q, group 1 = the first K/V tile (empty when there is none).
-  load_tile_async<kBlockQ, D, kNumThreads>(sQ, q, p.q_layout.row_stride, row0, num_tokens);
+  load_tile_async<kBlockQ, D, kNumThreads>(sQ, q, p.q_layout.row_stride, row0, num_queries);
   cp_async_commit();
   if (num_tiles > 0) load_kv(0, tiles[0] >> 1);
   cp_async_commit();
@@ -78,8 +81,10 @@ __global__ void __launch_bounds__(kNumThreads, 1) attention_forward_kernel(const
 #pragma unroll
   for (int ks = 0; ks < kKSteps; ++ks) load_a_frag<D>(q_frag[ks], sQ, 16 * warp, ks, lane);
 
-  // Row state for this thread's two rows grp and grp + 8 of the warp's 16.
+  // Row state for this thread's two rows grp and grp + 8 of the warp's 16: query rows, and
+  // their absolute positions, which the mask compares with lo/hi.
   const int my_row[2] = {row0 + 16 * warp + grp, row0 + 16 * warp + grp + 8};
+  const int my_pos[2] = {p.q_offset + my_row[0], p.q_offset + my_row[1]};
   float row_max[2] = {neg_inf(), neg_inf()};  // max raw score so far (-inf: nothing seen)
   float row_sum[2] = {0.f, 0.f};  // this thread's part of sum exp(scale * (s - row_max))
   float o_acc[kOTiles][4];
@@ -115,7 +120,7 @@ __global__ void __launch_bounds__(kNumThreads, 1) attention_forward_kernel(const
     }
 
     // Elementwise mask on partial tiles and on the key block that runs past T (its keys
-    // >= T exist only as zero-filled rows). Rows >= T are never stored, so need no mask.
+    // >= T exist only as zero-filled rows). Rows >= Tq are never stored, so need no mask.
     if ((entry & 1) || key0 + kBlockK > num_tokens) {
 #pragma unroll
       for (int nt = 0; nt < kSTiles; ++nt) {
@@ -127,7 +132,7 @@ __global__ void __launch_bounds__(kNumThreads, 1) attention_forward_kernel(const
           const int hi = real ? __ldg(p.hi + key) : 0;
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            if (!(lo <= my_row[half] && my_row[half] < hi)) s[nt][2 * half + e] = neg_inf();
+            if (!(lo <= my_pos[half] && my_pos[half] < hi)) s[nt][2 * half + e] = neg_inf();
           }
         }
       }
@@ -185,8 +190,8 @@ __global__ void __launch_bounds__(kNumThreads, 1) attention_forward_kernel(const
   for (int half = 0; half < 2; ++half) {
     const float total = quad_sum(row_sum[half]);
     inv_sum[half] = total > 0.f ? 1.f / total : 0.f;
-    if (quad == 0 && my_row[half] < num_tokens) {
-      p.lse[static_cast<int64_t>(head) * num_tokens + my_row[half]] =
+    if (quad == 0 && my_row[half] < num_queries) {
+      p.lse[static_cast<int64_t>(head) * num_queries + my_row[half]] =
           total > 0.f ? row_max[half] * p.scale + logf(total) : neg_inf();
     }
   }
@@ -211,7 +216,7 @@ __global__ void __launch_bounds__(kNumThreads, 1) attention_forward_kernel(const
     const int c = i * 32 + lane;
     const int r = 16 * warp + c / kChunksPerRow;
     const int chunk = c % kChunksPerRow;
-    if (row0 + r < num_tokens) {
+    if (row0 + r < num_queries) {
       *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + r) * p.out_layout.row_stride +
                                 8 * chunk) =
           *reinterpret_cast<const uint4*>(sQ + swizzle<D>(r, chunk));

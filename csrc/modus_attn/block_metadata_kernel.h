@@ -2,7 +2,8 @@
 // kernels walk. modus_mega/ops/block_metadata.py is the specification (and the CPU
 // implementation); the GPU tests check that both produce identical tensors.
 //
-// Classification of the tile (query rows [r0, r1), keys of block j), r1 = min(r0 + Bq, T):
+// Classification of the tile (query block i, keys of block j), over the absolute query rows
+// [r0, r1) with r0 = q_offset + i * Bq, r1 = q_offset + min((i + 1) * Bq, Tq):
 //   skipped  iff lo_min(j) >= r1 or hi_max(j) <= r0    (no key interval meets [r0, r1))
 //   full     iff lo_max(j) <= r0 and hi_min(j) >= r1   (every key interval covers [r0, r1))
 //   partial  otherwise.
@@ -80,8 +81,9 @@ __device__ __forceinline__ int classify_tile(const int32_t* b, int r0, int r1) {
 // inner blocks 32 at a time and compacts the non-skipped ones in ascending order with a
 // ballot. Row layout: `count` entries (inner << 1) | partial, then -1.
 __global__ void __launch_bounds__(32 * kListWarps)
-    tile_lists_kernel(const int32_t* bounds, int num_tokens, int block_q, bool by_key,
-                      int num_outer, int num_inner, int32_t* blocks, int32_t* counts) {
+    tile_lists_kernel(const int32_t* bounds, int num_queries, int q_offset, int block_q,
+                      bool by_key, int num_outer, int num_inner, int32_t* blocks,
+                      int32_t* counts) {
   const int outer = blockIdx.x * kListWarps + static_cast<int>(threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (outer >= num_outer) return;  // whole warps leave together
@@ -93,8 +95,8 @@ __global__ void __launch_bounds__(32 * kListWarps)
     if (inner < num_inner) {
       const int q_block = by_key ? inner : outer;
       const int k_block = by_key ? outer : inner;
-      const int r0 = q_block * block_q;
-      const int r1 = min(r0 + block_q, num_tokens);
+      const int r0 = q_offset + q_block * block_q;
+      const int r1 = q_offset + min((q_block + 1) * block_q, num_queries);
       cls = classify_tile(bounds + 4 * static_cast<int64_t>(k_block), r0, r1);
     }
     const unsigned hits = __ballot_sync(0xffffffffu, cls != 0);

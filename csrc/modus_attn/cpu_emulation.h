@@ -396,8 +396,9 @@ inline void atomic_add_f32x2(float* ptr, float a, float b) {  // one OS thread: 
 
 // ---------------------------------------------------------------------------------------------
 // Runner: `emulator DIR`. DIR/config.txt holds "MODE T Hq Hkv D DTYPE SCALE DETERMINISTIC
-// HAS_DLSE" (MODE metadata | forward | backward, DTYPE bf16 | fp16). Binary files NAME.bin,
-// raw little-endian, shapes as in modus_attn.h:
+// HAS_DLSE TQ Q_OFFSET" (MODE metadata | forward | backward, DTYPE bf16 | fp16; TQ query rows
+// at absolute positions Q_OFFSET ..., the backward needs TQ = T and Q_OFFSET = 0). Binary
+// files NAME.bin, raw little-endian, shapes as in modus_attn.h:
 //   metadata  reads lo, hi; writes {fwd,bwd}_{bounds,blocks,counts,order}
 //   forward   reads q, k, v, lo, hi, fwd_{blocks,counts,order}; writes out, lse
 //   backward  reads q, k, v, out, dout, lse, [dlse], lo, hi, {fwd,bwd}_{blocks,counts,order};
@@ -429,6 +430,7 @@ struct Config {
   int num_tokens = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
   float scale = 0.f;
   int deterministic = 0, has_dlse = 0;
+  int num_queries = 0, q_offset = 0;
 };
 
 struct HostList {
@@ -443,9 +445,10 @@ struct HostList {
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 inline HostList build_list(const std::vector<int32_t>& lo, const std::vector<int32_t>& hi,
-                           int num_tokens, int block_q, int block_k, bool by_key) {
+                           int num_tokens, int num_queries, int q_offset, int block_q, int block_k,
+                           bool by_key) {
   HostList list;
-  const int num_k = ceil_div(num_tokens, block_k), num_q = ceil_div(num_tokens, block_q);
+  const int num_k = ceil_div(num_tokens, block_k), num_q = ceil_div(num_queries, block_q);
   list.num_outer = by_key ? num_k : num_q;
   list.num_inner = by_key ? num_q : num_k;
   list.bounds.assign(4 * static_cast<size_t>(num_k), 0);
@@ -453,9 +456,12 @@ inline HostList build_list(const std::vector<int32_t>& lo, const std::vector<int
   list.counts.assign(list.num_outer, 0);
   launch(key_block_bounds_kernel, dim3(num_k), dim3(32), 0, lo.data(), hi.data(), num_tokens,
          block_k, list.bounds.data());
-  launch(tile_lists_kernel, dim3(ceil_div(list.num_outer, kListWarps)), dim3(32 * kListWarps), 0,
-         static_cast<const int32_t*>(list.bounds.data()), num_tokens, block_q, by_key,
-         list.num_outer, list.num_inner, list.blocks.data(), list.counts.data());
+  if (list.num_outer > 0) {  // the launcher's rule (block_metadata.cu)
+    launch(tile_lists_kernel, dim3(ceil_div(list.num_outer, kListWarps)),
+           dim3(32 * kListWarps), 0, static_cast<const int32_t*>(list.bounds.data()),
+           num_queries, q_offset, block_q, by_key, list.num_outer, list.num_inner,
+           list.blocks.data(), list.counts.data());
+  }
   list.order.resize(list.num_outer);  // the binding's stable argsort, descending
   std::iota(list.order.begin(), list.order.end(), 0);
   std::stable_sort(list.order.begin(), list.order.end(),
@@ -477,17 +483,18 @@ inline HostList read_list(const std::string& dir, const std::string& prefix, int
 
 template <typename Elem, int D>
 int run_attention(const std::string& dir, const Config& c) {
-  const int T = c.num_tokens, Hq = c.num_q_heads, Hkv = c.num_kv_heads;
-  const size_t q_size = static_cast<size_t>(T) * Hq * D, kv_size = static_cast<size_t>(T) * Hkv * D;
+  const int T = c.num_tokens, Tq = c.num_queries, Hq = c.num_q_heads, Hkv = c.num_kv_heads;
+  const size_t q_size = static_cast<size_t>(Tq) * Hq * D;
+  const size_t kv_size = static_cast<size_t>(T) * Hkv * D;
   const auto q = read_file<uint16_t>(dir + "/q.bin", q_size);
   const auto k = read_file<uint16_t>(dir + "/k.bin", kv_size);
   const auto v = read_file<uint16_t>(dir + "/v.bin", kv_size);
   const auto lo = read_file<int32_t>(dir + "/lo.bin", T);
   const auto hi = read_file<int32_t>(dir + "/hi.bin", T);
-  const HostList fwd = read_list(dir, "fwd", ceil_div(T, kFwdBlockQ), ceil_div(T, kFwdBlockK));
+  const HostList fwd = read_list(dir, "fwd", ceil_div(Tq, kFwdBlockQ), ceil_div(T, kFwdBlockK));
   const TensorLayout q_layout{static_cast<int64_t>(Hq) * D, D};
   const TensorLayout kv_layout{static_cast<int64_t>(Hkv) * D, D};
-  const int64_t num_rows = static_cast<int64_t>(T) * Hq;
+  const int64_t num_rows = static_cast<int64_t>(Tq) * Hq;
 
   if (c.mode == "forward") {
     std::vector<uint16_t> out(q_size, 0xffff);
@@ -504,16 +511,24 @@ int run_attention(const std::string& dir, const Config& c) {
     p.k_layout = p.v_layout = kv_layout;
     p.fwd_list = fwd.view();
     p.num_tokens = T;
+    p.num_queries = Tq;
+    p.q_offset = c.q_offset;
     p.num_q_heads = Hq;
     p.num_kv_heads = Hkv;
     p.scale = c.scale;
-    launch(attention_forward_kernel<Elem, D>, dim3(fwd.num_outer, Hq), dim3(kNumThreads),
-           FwdTile<Elem, D>::kSmemBytes, p);
+    if (Tq > 0) {  // the launcher queues nothing for no query rows
+      launch(attention_forward_kernel<Elem, D>, dim3(fwd.num_outer, Hq), dim3(kNumThreads),
+             FwdTile<Elem, D>::kSmemBytes, p);
+    }
     write_file(dir + "/out.bin", out);
     write_file(dir + "/lse.bin", lse);
     return 0;
   }
 
+  if (Tq != T || c.q_offset != 0) {  // the binding's check (modus_attn_api.cpp)
+    std::fprintf(stderr, "cpu_emulation: the backward needs TQ = T and Q_OFFSET = 0\n");
+    return 2;
+  }
   const auto out = read_file<uint16_t>(dir + "/out.bin", q_size);
   const auto dout = read_file<uint16_t>(dir + "/dout.bin", q_size);
   const auto lse = read_file<float>(dir + "/lse.bin", num_rows);
@@ -579,8 +594,9 @@ inline int main(int argc, char** argv) {
   Config c;
   std::ifstream config(dir + "/config.txt");
   config >> c.mode >> c.num_tokens >> c.num_q_heads >> c.num_kv_heads >> c.head_dim >> c.dtype >>
-      c.scale >> c.deterministic >> c.has_dlse;
-  if (!config || c.num_tokens < 1) {
+      c.scale >> c.deterministic >> c.has_dlse >> c.num_queries >> c.q_offset;
+  if (!config || c.num_tokens < 1 || c.num_queries < 0 || c.q_offset < 0 ||
+      c.q_offset + c.num_queries > c.num_tokens) {
     std::fprintf(stderr, "cpu_emulation: bad %s/config.txt\n", dir.c_str());
     return 2;
   }
@@ -588,9 +604,11 @@ inline int main(int argc, char** argv) {
     const auto lo = read_file<int32_t>(dir + "/lo.bin", c.num_tokens);
     const auto hi = read_file<int32_t>(dir + "/hi.bin", c.num_tokens);
     for (const bool by_key : {false, true}) {
-      const HostList list = by_key
-                                ? build_list(lo, hi, c.num_tokens, kBwdBlockQ, kBwdBlockK, true)
-                                : build_list(lo, hi, c.num_tokens, kFwdBlockQ, kFwdBlockK, false);
+      const HostList list =
+          by_key ? build_list(lo, hi, c.num_tokens, c.num_queries, c.q_offset, kBwdBlockQ,
+                              kBwdBlockK, true)
+                 : build_list(lo, hi, c.num_tokens, c.num_queries, c.q_offset, kFwdBlockQ,
+                              kFwdBlockK, false);
       const std::string prefix = dir + (by_key ? "/bwd_" : "/fwd_");
       write_file(prefix + "bounds.bin", list.bounds);
       write_file(prefix + "blocks.bin", list.blocks);

@@ -3,12 +3,15 @@
 // This header needs only the CUDA runtime (no ATen), so every .cu file compiles standalone
 // with nvcc; modus_attn_api.cpp turns torch tensors into these parameter blocks.
 //
-// Layouts (T = tokens of the packed micro-batch, Hq / Hkv = query / key-value heads,
-// D = head dim, g = Hq / Hkv):
-//   q, out, dout, dq      [T, Hq, D]   element (t, h, d) at t * row_stride + h * head_stride + d
+// Layouts (T = tokens (keys) of the packed micro-batch, Tq = query rows, Hq / Hkv = query /
+// key-value heads, D = head dim, g = Hq / Hkv). Query row r sits at absolute position
+// q_offset + r of the T keys (queries over a cache, forward only); the backward needs
+// q_offset = 0 and Tq = T.
+//   q, out, dout, dq      [Tq, Hq, D]  element (t, h, d) at t * row_stride + h * head_stride + d
 //   k, v, dk, dv          [T, Hkv, D]  same; query head h reads key-value head h / g
-//   lse, delta            [Hq, T]      fp32, natural-log log-sum-exp of the scaled scores
-//   lo, hi                [T]          int32; key k is visible to query rows [lo[k], hi[k])
+//   lse, delta            [Hq, Tq]     fp32, natural-log log-sum-exp of the scaled scores
+//   lo, hi                [T]          int32; key k is visible to the query rows at absolute
+//                                      positions [lo[k], hi[k])
 //   dq_accum              [T, Hq, D]   fp32 (non-deterministic backward only)
 //   block lists           [num_outer, num_inner] int32, entry = (inner_block << 1) | partial,
 //                         -1 after the first `counts[outer]` entries (see block_metadata.py)
@@ -55,7 +58,9 @@ struct FwdParams {
   const int32_t* hi;
   TensorLayout q_layout, k_layout, v_layout, out_layout;
   BlockList fwd_list;  // query blocks of kFwdBlockQ -> key blocks of kFwdBlockK
-  int num_tokens;
+  int num_tokens;   // T, the keys
+  int num_queries;  // Tq, the query rows; q_offset + num_queries <= num_tokens
+  int q_offset;     // absolute position of query row 0
   int num_q_heads;
   int num_kv_heads;
   float scale;  // softmax scale applied to q . k
@@ -100,8 +105,10 @@ cudaError_t launch_attention_backward(const BwdParams& params, DType dtype, int 
 cudaError_t launch_key_block_bounds(const int32_t* lo, const int32_t* hi, int num_tokens,
                                     int block_k, int32_t* bounds, cudaStream_t stream);
 // Tile lists from the bounds. by_key == false: one row per query block of block_q listing its
-// key blocks of block_k; by_key == true: one row per key block listing its query blocks.
-cudaError_t launch_tile_lists(const int32_t* bounds, int num_tokens, int block_q, int block_k,
-                              bool by_key, int32_t* blocks, int32_t* counts, cudaStream_t stream);
+// key blocks of block_k; by_key == true: one row per key block listing its query blocks. The
+// query rows are the absolute positions [q_offset, q_offset + num_queries) of the keys.
+cudaError_t launch_tile_lists(const int32_t* bounds, int num_tokens, int num_queries,
+                              int q_offset, int block_q, int block_k, bool by_key,
+                              int32_t* blocks, int32_t* counts, cudaStream_t stream);
 
 }  // namespace modus_attn

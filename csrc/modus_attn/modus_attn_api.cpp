@@ -76,21 +76,25 @@ BlockList check_block_list(const at::Tensor& blocks, const at::Tensor& counts,
 }
 
 struct Shapes {
-  int64_t num_tokens;
+  int64_t num_tokens;   // T, the keys
+  int64_t num_queries;  // Tq, the query rows
   int64_t num_q_heads;
   int64_t num_kv_heads;
   int64_t head_dim;
 };
 
-Shapes check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+// q [Tq, Hq, D] at absolute rows [q_offset, q_offset + Tq) of k, v [T, Hkv, D].
+Shapes check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                 int64_t q_offset) {
   check_activation(q, "q", q);
   check_activation(k, "k", q);
   check_activation(v, "v", q);
-  const Shapes s{q.size(0), q.size(1), k.size(1), q.size(2)};
+  const Shapes s{k.size(0), q.size(0), q.size(1), k.size(1), q.size(2)};
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have one shape, got ", k.sizes(), " and ",
               v.sizes());
-  TORCH_CHECK(k.size(0) == s.num_tokens, "q has ", s.num_tokens, " tokens but k and v have ",
-              k.size(0), "; all three index the same packed sequence");
+  TORCH_CHECK(q_offset >= 0 && q_offset + s.num_queries <= s.num_tokens, "the ", s.num_queries,
+              " query rows at offset ", q_offset, " must be rows of the ", s.num_tokens,
+              " keys (0 <= q_offset, q_offset + Tq <= T)");
   TORCH_CHECK(k.size(2) == s.head_dim, "q has head_dim ", s.head_dim, " but k and v have ",
               k.size(2));
   TORCH_CHECK(s.head_dim == 64 || s.head_dim == 128, "head_dim must be 64 or 128, got ", s.head_dim,
@@ -108,42 +112,49 @@ Shapes check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 
 }  // namespace
 
-// Block metadata of one micro-batch (see block_metadata.py for the specification). Returns
-// {fwd_bounds [ceil(T/64), 4], fwd_blocks [ceil(T/128), ceil(T/64)], fwd_counts, fwd_order,
-//  bwd_bounds [ceil(T/128), 4], bwd_blocks [ceil(T/128), ceil(T/64)], bwd_counts, bwd_order}.
-std::vector<at::Tensor> build_block_metadata(const at::Tensor& lo, const at::Tensor& hi) {
+// Block metadata of one micro-batch and its query rows [q_offset, q_offset + Tq) (see
+// block_metadata.py for the specification). Returns
+// {fwd_bounds [ceil(T/64), 4], fwd_blocks [ceil(Tq/128), ceil(T/64)], fwd_counts, fwd_order,
+//  bwd_bounds [ceil(T/128), 4], bwd_blocks [ceil(T/128), ceil(Tq/64)], bwd_counts, bwd_order}.
+std::vector<at::Tensor> build_block_metadata(const at::Tensor& lo, const at::Tensor& hi,
+                                             int64_t q_offset, int64_t num_queries) {
   TORCH_CHECK(lo.is_cuda(), "lo must be a CUDA tensor, got device ", lo.device());
   TORCH_CHECK(lo.dim() == 1, "lo must be a vector [T], got shape ", lo.sizes());
   const int64_t num_tokens = lo.size(0);
   TORCH_CHECK(num_tokens < (int64_t{1} << 30), "at most 2^30 tokens per micro-batch, got ",
               num_tokens);
+  TORCH_CHECK(q_offset >= 0 && num_queries >= 0 && q_offset + num_queries <= num_tokens,
+              "the query rows [", q_offset, ", ", q_offset + num_queries, ") must lie in the ",
+              num_tokens, " keys");
   check_int32_vector(lo, "lo", num_tokens, lo.device());
   check_int32_vector(hi, "hi", num_tokens, lo.device());
   const c10::cuda::CUDAGuard device_guard(lo.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto opts = lo.options();
   const int T = static_cast<int>(num_tokens);
+  const int Tq = static_cast<int>(num_queries);
+  const int offset = static_cast<int>(q_offset);
 
-  const int64_t fwd_q_blocks = ceil_div(num_tokens, kFwdBlockQ);
+  const int64_t fwd_q_blocks = ceil_div(num_queries, kFwdBlockQ);
   const int64_t fwd_k_blocks = ceil_div(num_tokens, kFwdBlockK);
   at::Tensor fwd_bounds = at::empty({fwd_k_blocks, 4}, opts);
   at::Tensor fwd_blocks = at::empty({fwd_q_blocks, fwd_k_blocks}, opts);
   at::Tensor fwd_counts = at::empty({fwd_q_blocks}, opts);
   C10_CUDA_CHECK(launch_key_block_bounds(lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(), T,
                                          kFwdBlockK, fwd_bounds.data_ptr<int32_t>(), stream));
-  C10_CUDA_CHECK(launch_tile_lists(fwd_bounds.data_ptr<int32_t>(), T, kFwdBlockQ, kFwdBlockK,
-                                   /*by_key=*/false, fwd_blocks.data_ptr<int32_t>(),
+  C10_CUDA_CHECK(launch_tile_lists(fwd_bounds.data_ptr<int32_t>(), T, Tq, offset, kFwdBlockQ,
+                                   kFwdBlockK, /*by_key=*/false, fwd_blocks.data_ptr<int32_t>(),
                                    fwd_counts.data_ptr<int32_t>(), stream));
 
   const int64_t bwd_k_blocks = ceil_div(num_tokens, kBwdBlockK);
-  const int64_t bwd_q_blocks = ceil_div(num_tokens, kBwdBlockQ);
+  const int64_t bwd_q_blocks = ceil_div(num_queries, kBwdBlockQ);
   at::Tensor bwd_bounds = at::empty({bwd_k_blocks, 4}, opts);
   at::Tensor bwd_blocks = at::empty({bwd_k_blocks, bwd_q_blocks}, opts);
   at::Tensor bwd_counts = at::empty({bwd_k_blocks}, opts);
   C10_CUDA_CHECK(launch_key_block_bounds(lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(), T,
                                          kBwdBlockK, bwd_bounds.data_ptr<int32_t>(), stream));
-  C10_CUDA_CHECK(launch_tile_lists(bwd_bounds.data_ptr<int32_t>(), T, kBwdBlockQ, kBwdBlockK,
-                                   /*by_key=*/true, bwd_blocks.data_ptr<int32_t>(),
+  C10_CUDA_CHECK(launch_tile_lists(bwd_bounds.data_ptr<int32_t>(), T, Tq, offset, kBwdBlockQ,
+                                   kBwdBlockK, /*by_key=*/true, bwd_blocks.data_ptr<int32_t>(),
                                    bwd_counts.data_ptr<int32_t>(), stream));
 
   // Launch order: blocks with the most tiles first, so the longest ones do not form the tail.
@@ -155,21 +166,22 @@ std::vector<at::Tensor> build_block_metadata(const at::Tensor& lo, const at::Ten
           bwd_bounds, bwd_blocks, bwd_counts, bwd_order};
 }
 
-// out [T, Hq, D] (q's dtype, contiguous) and lse [Hq, T] fp32 (-inf on rows without keys).
+// out [Tq, Hq, D] (q's dtype, contiguous) and lse [Hq, Tq] fp32 (-inf on rows without keys);
+// query row r sits at absolute position q_offset + r of the keys.
 std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
                                           const at::Tensor& v, const at::Tensor& lo,
                                           const at::Tensor& hi, const at::Tensor& fwd_blocks,
                                           const at::Tensor& fwd_counts, const at::Tensor& fwd_order,
-                                          double scale) {
-  const Shapes s = check_qkv(q, k, v, scale);
+                                          double scale, int64_t q_offset) {
+  const Shapes s = check_qkv(q, k, v, scale, q_offset);
   check_int32_vector(lo, "lo", s.num_tokens, q.device());
   check_int32_vector(hi, "hi", s.num_tokens, q.device());
-  const BlockList list =
-      check_block_list(fwd_blocks, fwd_counts, fwd_order, "fwd", ceil_div(s.num_tokens, kFwdBlockQ),
-                       ceil_div(s.num_tokens, kFwdBlockK), q.device());
+  const BlockList list = check_block_list(fwd_blocks, fwd_counts, fwd_order, "fwd",
+                                          ceil_div(s.num_queries, kFwdBlockQ),
+                                          ceil_div(s.num_tokens, kFwdBlockK), q.device());
   const c10::cuda::CUDAGuard device_guard(q.device());
-  at::Tensor out = at::empty({s.num_tokens, s.num_q_heads, s.head_dim}, q.options());
-  at::Tensor lse = at::empty({s.num_q_heads, s.num_tokens}, q.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({s.num_queries, s.num_q_heads, s.head_dim}, q.options());
+  at::Tensor lse = at::empty({s.num_q_heads, s.num_queries}, q.options().dtype(at::kFloat));
 
   FwdParams p{};
   p.q = q.data_ptr();
@@ -185,6 +197,8 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   p.out_layout = layout_of(out);
   p.fwd_list = list;
   p.num_tokens = static_cast<int>(s.num_tokens);
+  p.num_queries = static_cast<int>(s.num_queries);
+  p.q_offset = static_cast<int>(q_offset);
   p.num_q_heads = static_cast<int>(s.num_q_heads);
   p.num_kv_heads = static_cast<int>(s.num_kv_heads);
   p.scale = static_cast<float>(scale);
@@ -200,7 +214,10 @@ std::vector<at::Tensor> attention_backward(
     const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& fwd_blocks,
     const at::Tensor& fwd_counts, const at::Tensor& fwd_order, const at::Tensor& bwd_blocks,
     const at::Tensor& bwd_counts, const at::Tensor& bwd_order, double scale, bool deterministic) {
-  const Shapes s = check_qkv(q, k, v, scale);
+  const Shapes s = check_qkv(q, k, v, scale, /*q_offset=*/0);
+  TORCH_CHECK(s.num_queries == s.num_tokens, "the backward needs the queries to be all the keys' "
+              "rows (no query offset), got ", s.num_queries, " query rows over ", s.num_tokens,
+              " keys; queries over a cache run forward only");
   check_activation(out, "out", q);
   check_activation(dout, "dout", q);
   TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(),
@@ -275,11 +292,12 @@ std::vector<at::Tensor> attention_backward(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "modus_attn: packed varlen attention with per-key [lo, hi) query intervals";
   m.def("build_block_metadata", &modus_attn::build_block_metadata, "tile lists of one micro-batch",
-        pybind11::arg("lo"), pybind11::arg("hi"));
+        pybind11::arg("lo"), pybind11::arg("hi"), pybind11::arg("q_offset"),
+        pybind11::arg("num_queries"));
   m.def("attention_forward", &modus_attn::attention_forward, "out, lse", pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("lo"), pybind11::arg("hi"),
         pybind11::arg("fwd_blocks"), pybind11::arg("fwd_counts"), pybind11::arg("fwd_order"),
-        pybind11::arg("scale"));
+        pybind11::arg("scale"), pybind11::arg("q_offset"));
   m.def("attention_backward", &modus_attn::attention_backward, "dq, dk, dv", pybind11::arg("dout"),
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
         pybind11::arg("lse"), pybind11::arg("grad_lse"), pybind11::arg("lo"), pybind11::arg("hi"),

@@ -2,7 +2,8 @@
 
 ``keymap`` is the one name map MODUS <-> BAGEL; ``source`` reads any layout lazily as
 named tensors and loads them into (sharded) modules; ``hf`` and ``bagel`` write and read
-their layouts; ``python -m modus_mega.convert --help`` is the command line.
+their layouts; ``text_model`` writes the 1D expert as a stock ``Qwen3ForCausalLM``;
+``python -m modus_mega.convert --help`` is the command line.
 
 Training runs, in and out (imported from their modules, not from here: they need the
 training stack, DeepSpeed and Megatron, which inference does not): ``run_init`` starts a
@@ -29,6 +30,7 @@ from modus_mega.convert.source import (
     extend_vocab_rows,
     load_into,
 )
+from modus_mega.convert.text_model import write_text_model
 
 __all__ = [
     "BagelSource",
@@ -51,4 +53,5 @@ __all__ = [
     "save_pretrained",
     "write_bagel",
     "write_hf",
+    "write_text_model",
 ]

@@ -2,6 +2,9 @@
 
 Commands: ``from-bagel``, ``to-bagel``, ``to-hf``, ``from-hf``, ``universal``.
 
+``to-hf --text-model`` writes the 1D expert alone as a stock ``Qwen3ForCausalLM``
+(``convert/text_model.py``).
+
 ``to-hf`` and ``to-bagel`` read a MODUS checkpoint in the hf layout or a training run
 directory (one holding ``checkpoints/``: its latest DeepSpeed checkpoint at any tp, pp and
 ZeRO stage, ``--ema`` for its EMA weights). Every command streams tensor by tensor (memory
@@ -29,6 +32,7 @@ from modus_mega.convert.deepspeed_run import DeepSpeedRunSource, is_run_dir
 from modus_mega.convert.files import parse_size
 from modus_mega.convert.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, open_hf, read_hf_config, write_hf
 from modus_mega.convert.source import TensorSource
+from modus_mega.convert.text_model import write_text_model
 from modus_mega.convert.universal import write_universal
 
 _DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, help=run_src)
     _common(p, shards=True)
     p.add_argument("--ema", action="store_true", help="a training run's EMA weights instead of its weights")
+    p.add_argument(
+        "--text-model", action="store_true",
+        help="write the 1D expert alone as a stock Qwen3ForCausalLM (AutoModelForCausalLM loads it, no MODUS code)",
+    )  # fmt: skip
+    p.add_argument("--text-vocab-only", action="store_true", help="with --text-model: only the pretrained text rows")
 
     p = commands.add_parser("from-hf", help="hf layout -> MODUS checkpoint (validated, re-sharded, re-cast)")
     p.add_argument("src", type=Path, help="checkpoint directory in the hf layout")
@@ -141,6 +150,14 @@ def run(args: argparse.Namespace) -> Path:
                 source, cfg, args.out, dtype=dtype, text_vocab_only=args.text_vocab_only,
                 tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, progress=progress,
             )  # fmt: skip
+        if getattr(args, "text_model", False):
+            return write_text_model(
+                source, cfg, args.out, text_vocab_only=args.text_vocab_only, dtype=dtype,
+                max_shard_bytes=parse_size(args.max_shard_size), tokenizer_dir=tokenizer_dir,
+                overwrite=args.overwrite, progress=progress,
+            )  # fmt: skip
+        if getattr(args, "text_vocab_only", False):
+            raise ValueError("--text-vocab-only of to-hf applies to --text-model only; add --text-model or drop it")
         return write_hf(
             source, cfg, args.out, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
             tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, progress=progress,

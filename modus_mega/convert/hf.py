@@ -2,25 +2,27 @@
 
 Layout of a directory::
 
-    config.json                      model_type "modus": the model config, the vocabulary and modality tables
-    model.safetensors.index.json     {"metadata": {"total_size": ...}, "weight_map": {name: shard file}}
+    config.json                      ModusHFConfig (model_type "modus"): the model config, the vocabulary and
+                                     modality tables, as save_pretrained writes it (modus_mega/hf)
+    model.safetensors.index.json     {"metadata": {"total_parameters", "total_size"}, "weight_map": {name: shard}}
     model-0000i-of-0000N.safetensors shards of at most max_shard_bytes (default 5 GB) each
     tokenizer files                  copied from the source checkpoint when it has them
 
 Tensor names are MODUS names (``keymap.py``): the model's own state-dict names, and the
 frozen VAE's under ``vae.`` (optional). A single ``model.safetensors`` without an index
-is read too. Nothing is ever unpickled.
+is read too. Nothing is ever unpickled. ``transformers`` loads the layout as
+``modus_mega.hf.ModusHFModel`` (``AutoModel`` after ``import modus_mega.hf``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from modus_mega.config import ModelConfig, config_from_dict, config_to_dict
+from modus_mega.config import ModelConfig
 from modus_mega.convert.files import (
     PlannedTensor,
     atomic_directory,
@@ -43,49 +45,20 @@ from modus_mega.convert.source import (
     load_into,
 )
 from modus_mega.encoders.vae import FluxAutoEncoder
-from modus_mega.modalities import MODALITIES
+from modus_mega.hf.config import MODEL_TYPE, ModusHFConfig
 from modus_mega.model.modus import ModusModel
-from modus_mega.vocab import Vocabulary, build_vocabulary
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-MODEL_TYPE = "modus"
-FORMAT_VERSION = 1  # bump when the layout or the naming changes incompatibly
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
+# config.json's dtype is the decoder's stored dtype, as save_pretrained records the model's
+# (its first floating parameter's); a VAE kept in fp32 next to a bf16 decoder does not change it.
+DTYPE_TENSOR = "embed_tokens.weight"
 
 
-def vocabulary_table(vocab: Vocabulary) -> dict:
-    """The extended vocabulary as plain JSON: every id range, by name."""
-    return {
-        "text": [vocab.text.start, vocab.text.stop],
-        "vision_start_id": vocab.vision_start_id,
-        "vision_end_id": vocab.vision_end_id,
-        "end_of_segment_id": vocab.end_of_segment_id,
-        "start_markers": {m.name: vocab.start_marker(m.name) for m in MODALITIES},
-        "coordinates": [vocab.coordinates.start, vocab.coordinates.stop],
-        "codebooks": {name: [ids.start, ids.stop] for name, ids in vocab.codebooks.items()},
-        "num_tokens": vocab.num_tokens,
-        "padded_size": vocab.padded_size,
-    }
-
-
-def hf_config(cfg: ModelConfig, has_vae: bool, dtype: torch.dtype | None) -> dict:
-    """The ``config.json`` of a MODUS checkpoint of ``cfg``."""
-    return {
-        "model_type": MODEL_TYPE,
-        "architectures": ["ModusModel"],
-        "format_version": FORMAT_VERSION,
-        "torch_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-        "has_vae": has_vae,
-        "model": config_to_dict(cfg),
-        "vocabulary": vocabulary_table(build_vocabulary(cfg.vocab)),
-        "modalities": [{"id": i, **dataclasses.asdict(m)} for i, m in enumerate(MODALITIES)],
-    }
-
-
-def read_hf_config(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
-    """The model config of the checkpoint in ``hf_dir`` and its raw ``config.json``.
+def read_hf_config(hf_dir: str | Path) -> tuple[ModelConfig, ModusHFConfig]:
+    """The model config of the checkpoint in ``hf_dir`` and its ``config.json`` as a ``ModusHFConfig``.
 
     Refuses a config of another model type or format version, and one whose stored
     vocabulary table differs from what ``modus_mega/vocab.py`` lays out for its config
@@ -93,25 +66,15 @@ def read_hf_config(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
     """
     path = Path(hf_dir) / CONFIG_FILE
     raw = read_json(path, "the MODUS model config")
-    if raw.get("model_type") != MODEL_TYPE or raw.get("format_version") != FORMAT_VERSION:
+    if raw.get("model_type") != MODEL_TYPE:
         raise ValueError(
-            f"{path} has model_type={raw.get('model_type')!r} format_version={raw.get('format_version')!r}; "
-            f"expected {MODEL_TYPE!r} version {FORMAT_VERSION}: this is not a MODUS checkpoint of this code's format "
-            "(for a BAGEL release use `python -m modus_mega.convert from-bagel`)"
+            f"{path} has model_type={raw.get('model_type')!r}; expected {MODEL_TYPE!r}: this is not a MODUS "
+            "checkpoint (for a BAGEL release use `python -m modus_mega.convert from-bagel`)"
         )
     if not isinstance(raw.get("model"), dict):
         raise ValueError(f"{path} lacks the 'model' section (the MODUS model config); export the checkpoint again")
-    cfg = config_from_dict({"model": raw["model"]}, source=str(path)).model
-    table = vocabulary_table(build_vocabulary(cfg.vocab))
-    stored = raw.get("vocabulary")
-    if stored != table:
-        differing = sorted(k for k in table if not isinstance(stored, dict) or stored.get(k) != table[k])
-        raise ValueError(
-            f"{path}: the stored vocabulary table differs from modus_mega/vocab.py's layout for this config in "
-            f"{differing}; the checkpoint was written by a version that placed tokens differently: convert it "
-            "with that version"
-        )
-    return cfg, raw
+    config = ModusHFConfig.from_dict(raw)
+    return config.model_config(source=str(path)), config
 
 
 def open_hf(hf_dir: str | Path) -> SafetensorsSource:
@@ -140,6 +103,32 @@ def expected_shapes(cfg: ModelConfig, with_vae: bool) -> dict[str, torch.Size]:
     return {name: shapes.shape(name) for name in shapes.names()}
 
 
+def write_shards(
+    out_dir: Path,
+    plan: list[PlannedTensor],
+    produce: Callable[[PlannedTensor], torch.Tensor],
+    max_shard_bytes: int,
+    desc: str,
+    progress: bool,
+) -> None:
+    """Write ``plan`` into ``out_dir`` as Hugging Face's shards and index, one tensor at a time.
+
+    Shards are ``model-0000i-of-0000N.safetensors`` of at most ``max_shard_bytes`` each
+    (``plan_shards``); the index holds the metadata ``save_pretrained`` writes and the
+    weight map. ``produce`` returns each planned tensor (``write_safetensors``); ``desc``
+    labels the progress bar.
+    """
+    shards = plan_shards(plan, max_shard_bytes)
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    total = sum(item.nbytes for item in plan)
+    with progress_bar(total, desc, progress) as bar:
+        for file, shard in zip(files, shards):
+            write_safetensors(out_dir / file, shard, produce, on_bytes=bar.update)
+    weight_map = {item.name: file for file, shard in zip(files, shards) for item in shard}
+    metadata = {"total_parameters": sum(item.shape.numel() for item in plan), "total_size": total}
+    write_json(out_dir / INDEX_FILE, {"metadata": metadata, "weight_map": weight_map})
+
+
 def write_hf(
     source: TensorSource,
     cfg: ModelConfig,
@@ -159,21 +148,15 @@ def write_hf(
     has_vae = any(is_vae_name(name) for name in source.names())
     check_tensors(expected_shapes(cfg, has_vae), source)
     plan = [PlannedTensor(n, n, source.shape(n), output_dtype(source.dtype(n), dtype)) for n in source.names()]
-    shards = plan_shards(plan, max_shard_bytes)
-    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    total = sum(item.nbytes for item in plan)
     out = Path(out)
 
     def produce(item: PlannedTensor) -> torch.Tensor:
         return cast(source.read(item.source_name), dtype)
 
-    with atomic_directory(out, overwrite) as tmp, progress_bar(total, f"write {out.name}", progress) as bar:
-        for file, shard in zip(files, shards):
-            write_safetensors(tmp / file, shard, produce, on_bytes=bar.update)
-        weight_map = {item.name: file for file, shard in zip(files, shards) for item in shard}
-        write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        stored = {item.dtype for item in plan if item.dtype.is_floating_point}
-        write_json(tmp / CONFIG_FILE, hf_config(cfg, has_vae, stored.pop() if len(stored) == 1 else None))
+    with atomic_directory(out, overwrite) as tmp:
+        write_shards(tmp, plan, produce, max_shard_bytes, f"write {out.name}", progress)
+        decoder_dtype = output_dtype(source.dtype(DTYPE_TENSOR), dtype)
+        ModusHFConfig.from_model_config(cfg, has_vae, decoder_dtype).to_json_file(tmp / CONFIG_FILE)
         copy_tokenizer_files(Path(tokenizer_dir) if tokenizer_dir is not None else None, tmp)
     return out
 
@@ -209,10 +192,10 @@ def load_pretrained(
     tensor present, nothing extra, every shape right). Both are returned in eval mode,
     the VAE frozen; the VAE is None when the checkpoint has none or ``with_vae`` is False.
     """
-    cfg, raw = read_hf_config(hf_dir)
+    cfg, config = read_hf_config(hf_dir)
     with torch.device("meta"):
         model = ModusModel(cfg)
-        vae = FluxAutoEncoder(cfg.vae) if with_vae and raw.get("has_vae") else None
+        vae = FluxAutoEncoder(cfg.vae) if with_vae and config.has_vae else None
     modules: dict[str, nn.Module] = {"": model}
     if vae is not None:
         modules[VAE_PREFIX] = vae

@@ -1,11 +1,12 @@
 """FlexAttention backend: torch's templated attention kernel with a BlockMask from lo/hi.
 
-Legend: T = tokens, Hq / Hkv = query / key-value heads, D = head dim, B = block size
-(tile side), nQ = nK = ceil(T / B) tiles per side.
+Legend: T = tokens (keys), Tq = query rows (T unless over a cache), Hq / Hkv = query /
+key-value heads, D = head dim, B = block size (tile side), nQ = ceil(Tq / B) and
+nK = ceil(T / B) tiles per side.
 
 The BlockMask is built directly from the column intervals, as the CUDA kernel classifies
-its tiles (DESIGN §4): for a query tile [qs, qe) and a key tile with per-tile min/max of lo
-and hi, the tile is
+its tiles (DESIGN §4): for a query tile at absolute rows [qs, qe) (query row r is at
+``q_offset + r``) and a key tile with per-tile min/max of lo and hi, the tile is
 
     skipped  if max(hi) <= qs or min(lo) >= qe     (no key visible to any of its queries)
     full     if max(lo) <= qs and min(hi) >= qe    (every key visible to every query)
@@ -18,7 +19,9 @@ conservative: a partial tile may turn out empty, never the reverse.
 
 On CUDA ``flex_attention`` is compiled (``dynamic=False``: micro-batches have a static
 token budget, and a new mask_mod closure over new lo/hi tensors does not recompile). On
-CPU it runs uncompiled, forward only: torch has no CPU backward for FlexAttention.
+CPU it runs uncompiled, forward only: torch has no CPU backward for FlexAttention. The
+query offset enters the mask_mod as a 0-d tensor, so a new offset alone does not recompile
+(a new (Tq, T) shape does: ``dynamic=False``).
 """
 
 from __future__ import annotations
@@ -30,28 +33,46 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from modus_mega.ops.attention import AttentionBackend, check_qkv
-from modus_mega.ops.mask import check_lo_hi
+from modus_mega.ops.mask import check_lo_hi, check_query_rows
 
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default sparse block size
 
 
-def lo_hi_mask_mod(lo: Tensor, hi: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """FlexAttention ``mask_mod`` of the column intervals: key kv is visible iff lo <= q < hi."""
+def lo_hi_mask_mod(
+    lo: Tensor, hi: Tensor, q_offset: Tensor | None = None
+) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """FlexAttention ``mask_mod`` of the column intervals: key kv is visible to query row
+    q_idx iff lo <= q_offset + q_idx < hi (q_offset: absolute position of query row 0, a 0-d
+    tensor; None, the training path, compares q_idx itself)."""
+    if q_offset is None:
 
-    def mask_mod(batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return (lo[kv_idx] <= q_idx) & (q_idx < hi[kv_idx])
+        def mask_mod(batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return (lo[kv_idx] <= q_idx) & (q_idx < hi[kv_idx])
 
-    return mask_mod
+        return mask_mod
+
+    def offset_mask_mod(batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        position = q_idx + q_offset
+        return (lo[kv_idx] <= position) & (position < hi[kv_idx])
+
+    return offset_mask_mod
 
 
-def classify_tiles(lo: Tensor, hi: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
-    """Classify the query x key tiles of a [T, T] mask from per-key-tile min/max of lo and hi.
+def classify_tiles(
+    lo: Tensor, hi: Tensor, block_size: int, q_offset: int = 0, num_queries: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Classify the query x key tiles of a [Tq, T] mask from per-key-tile min/max of lo and hi.
+
+    Query row r sits at absolute position ``q_offset + r``; ``num_queries`` defaults to
+    T - q_offset (the last rows).
 
     Returns:
         ``partial, full``: bool [nQ, nK]; a tile in neither is skipped (module docstring).
     """
     num_tokens = check_lo_hi(lo, hi)
+    num_queries = check_query_rows(num_tokens, q_offset, num_queries)
     num_blocks = -(-num_tokens // block_size)
+    num_q_blocks = -(-num_queries // block_size)
     pad = num_blocks * block_size - num_tokens
     int32 = torch.iinfo(torch.int32)
 
@@ -64,14 +85,19 @@ def classify_tiles(lo: Tensor, hi: Tensor, block_size: int) -> tuple[Tensor, Ten
     hi_min = per_tile(hi, int32.max).amin(dim=1)
     hi_max = per_tile(hi, int32.min).amax(dim=1)
 
-    tile_start = torch.arange(num_blocks, device=lo.device) * block_size  # [nQ]
-    tile_end = (tile_start + block_size).clamp_max(num_tokens)  # [nQ]
-    whole = tile_end - tile_start == block_size  # [nQ]: tile not cut by the end of the sequence
-    q_start, q_end = tile_start[:, None], tile_end[:, None]  # [nQ, 1]
+    key_tile_end = torch.arange(1, num_blocks + 1, device=lo.device) * block_size  # [nK]
+    key_whole = key_tile_end <= num_tokens  # [nK]: key tile not cut by the end of the keys
+    row_start = torch.arange(num_q_blocks, device=lo.device) * block_size  # [nQ], query rows
+    row_end = (row_start + block_size).clamp_max(num_queries)  # [nQ]
+    q_whole = row_end - row_start == block_size  # [nQ]: query tile not cut by the last row
+    q_start, q_end = (q_offset + row_start)[:, None], (q_offset + row_end)[:, None]  # [nQ, 1]
 
     touched = (lo_min[None, :] < q_end) & (hi_max[None, :] > q_start)  # [nQ, nK]
     full = (
-        (lo_max[None, :] <= q_start) & (hi_min[None, :] >= q_end) & whole[:, None] & whole[None, :]
+        (lo_max[None, :] <= q_start)
+        & (hi_min[None, :] >= q_end)
+        & q_whole[:, None]
+        & key_whole[None, :]
     )
     return touched & ~full, full
 
@@ -89,25 +115,32 @@ def _ordered(tiles: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def block_mask_from_lo_hi(
-    lo: Tensor, hi: Tensor, block_size: int = DEFAULT_BLOCK_SIZE
+    lo: Tensor,
+    hi: Tensor,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    q_offset: int = 0,
+    num_queries: int | None = None,
 ) -> BlockMask:
-    """The FlexAttention BlockMask of ``lo, hi`` (int32 [T]), on lo's device."""
+    """The FlexAttention BlockMask of ``lo, hi`` (int32 [T]) for the query rows
+    ``[q_offset, q_offset + Tq)`` (default: all T rows), on lo's device."""
     num_tokens = check_lo_hi(lo, hi)
-    if num_tokens == 0:
-        raise ValueError("FlexAttention needs at least one token; lo/hi are empty")
+    num_queries = check_query_rows(num_tokens, q_offset, num_queries)
+    if num_queries == 0:
+        raise ValueError("FlexAttention needs at least one query row; lo/hi or the range is empty")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    partial, full = classify_tiles(lo, hi, block_size)
+    partial, full = classify_tiles(lo, hi, block_size, q_offset, num_queries)
     partial_counts, partial_indices = _ordered(partial)
     full_counts, full_indices = _ordered(full)
+    offset = None if q_offset == 0 else torch.tensor(q_offset, dtype=torch.int32, device=lo.device)
     return BlockMask.from_kv_blocks(
         partial_counts,
         partial_indices,
         full_counts,
         full_indices,
         BLOCK_SIZE=block_size,
-        mask_mod=lo_hi_mask_mod(lo, hi),
-        seq_lengths=(num_tokens, num_tokens),
+        mask_mod=lo_hi_mask_mod(lo, hi, offset),
+        seq_lengths=(num_queries, num_tokens),
     )
 
 
@@ -127,13 +160,15 @@ class FlexAttention(AttentionBackend):
             torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
         )
 
-    def prepare(self, lo: Tensor, hi: Tensor) -> BlockMask:
+    def prepare(
+        self, lo: Tensor, hi: Tensor, q_offset: int = 0, num_queries: int | None = None
+    ) -> BlockMask:
         """Build the BlockMask of this micro-batch on lo's device (no host sync)."""
-        return block_mask_from_lo_hi(lo, hi, self.block_size)
+        return block_mask_from_lo_hi(lo, hi, self.block_size, q_offset, num_queries)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, prepared: BlockMask, scale: float) -> Tensor:
-        """[T, Hq, D] masked attention in q's dtype; see ``AttentionBackend.forward``."""
-        check_qkv(q, k, v, prepared.seq_lengths[0])
+        """[Tq, Hq, D] masked attention in q's dtype; see ``AttentionBackend.forward``."""
+        check_qkv(q, k, v, prepared.seq_lengths[1], prepared.seq_lengths[0])
         if prepared.kv_num_blocks.device != q.device:
             raise ValueError(
                 f"the BlockMask is on {prepared.kv_num_blocks.device} but q is on {q.device}; "
@@ -149,11 +184,11 @@ class FlexAttention(AttentionBackend):
             # torch refuses CPU inputs that require grad even when no graph is recorded.
             q, k, v = q.detach(), k.detach(), v.detach()
         out = self._flex_attention(
-            q.transpose(0, 1).unsqueeze(0),  # [1, Hq, T, D]
+            q.transpose(0, 1).unsqueeze(0),  # [1, Hq, Tq, D]
             k.transpose(0, 1).unsqueeze(0),  # [1, Hkv, T, D]
             v.transpose(0, 1).unsqueeze(0),
             block_mask=prepared,
             scale=scale,
             enable_gqa=q.shape[1] != k.shape[1],
-        )  # [1, Hq, T, D]
+        )  # [1, Hq, Tq, D]
         return out.squeeze(0).transpose(0, 1).contiguous()

@@ -1,7 +1,8 @@
 """Block metadata of the CUDA attention kernels, in plain PyTorch: the specification.
 
-Legend: T = tokens of the packed micro-batch; Bq / Bk = query rows / keys per tile;
-nQ = ceil(T / Bq), nK = ceil(T / Bk).
+Legend: T = tokens (keys) of the packed micro-batch; Tq = query rows (T, unless the queries
+are rows of a cache: query row r at absolute position ``q_offset + r``); Bq / Bk = query
+rows / keys per tile; nQ = ceil(Tq / Bq), nK = ceil(T / Bk).
 
 The kernels never read a dense mask. Per micro-batch they get, once, for every key block of
 Bk keys the bounds of its column intervals (DESIGN §4: key k sees query rows
@@ -10,7 +11,8 @@ Bk keys the bounds of its column intervals (DESIGN §4: key k sees query rows
     bounds[j] = (lo_min, lo_max, hi_min, hi_max) over the keys of block j, after clamping
                 lo and hi into [0, T] and replacing an empty interval (lo >= hi) by (T, 0)
 
-    tile (query rows [r0, r1), key block j), r1 = min(r0 + Bq, T), is
+    tile (query block i, key block j) covers the absolute rows [r0, r1) with
+    r0 = q_offset + i Bq, r1 = q_offset + min((i + 1) Bq, Tq), and is
         skipped  iff lo_min >= r1 or hi_max <= r0      no key of j sees any row
         full     iff lo_max <= r0 and hi_min >= r1     every key of j sees every row
         partial  otherwise                             masked elementwise from lo/hi
@@ -29,6 +31,12 @@ kernels' launch order, so the longest blocks do not form the tail). Two tilings 
          deterministic dQ kernel)
     bwd  outer = key blocks of 128, inner = query blocks of 64 (the dK/dV kernel)
 
+Size: the two lists hold 2 x ceil(T/128) x ceil(T/64) int32, T^2 / 1024 bytes (over a
+cache: ceil(Tq/128) x ceil(T/64) + ceil(T/128) x ceil(Tq/64)). We cap
+them at ``MAX_METADATA_BYTES`` = 64 MiB, which is T = ``MAX_METADATA_TOKENS`` = 262144
+(256k, 8x the 7B run's 32k token budget; 1 MiB there); beyond it ``check_metadata_size``
+refuses with the fix instead of allocating gigabytes (1M tokens would need 1 GiB).
+
 ``csrc/modus_attn/block_metadata_kernel.h`` builds the same tensors on the GPU (no host
 sync); this module is what CPU tests check against the dense rule, and what the GPU tests
 compare the kernels with, tensor for tensor.
@@ -41,13 +49,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from modus_mega.ops.mask import check_lo_hi
+from modus_mega.ops.mask import check_lo_hi, check_query_rows
 
 # Tile shapes; csrc/modus_attn/modus_attn.h holds the same constants.
 FWD_BLOCK_Q = 128  # query rows per forward / dQ tile
 FWD_BLOCK_K = 64  # keys per forward / dQ tile
 BWD_BLOCK_Q = 64  # query rows per dK/dV step
 BWD_BLOCK_K = 128  # keys per dK/dV thread block
+
+MAX_METADATA_TOKENS = 262144  # largest T whose tile lists fit MAX_METADATA_BYTES
+# 64 MiB: the two lists at T = MAX_METADATA_TOKENS, 2 x 2048 x 4096 int32.
+MAX_METADATA_BYTES = 8 * (MAX_METADATA_TOKENS // BWD_BLOCK_K) * (MAX_METADATA_TOKENS // FWD_BLOCK_K)
 
 TILE_SKIPPED = 0
 TILE_FULL = 1
@@ -61,23 +73,57 @@ class BlockMetadata:
 
     lo: Tensor  # [T]
     hi: Tensor  # [T]
+    q_offset: int  # absolute position of query row 0 (0 unless over a cache)
+    num_queries: int  # Tq, the query rows
     fwd_bounds: Tensor  # [ceil(T / 64), 4]
-    fwd_blocks: Tensor  # [ceil(T / 128), ceil(T / 64)]
-    fwd_counts: Tensor  # [ceil(T / 128)]
-    fwd_order: Tensor  # [ceil(T / 128)]
+    fwd_blocks: Tensor  # [ceil(Tq / 128), ceil(T / 64)]
+    fwd_counts: Tensor  # [ceil(Tq / 128)]
+    fwd_order: Tensor  # [ceil(Tq / 128)]
     bwd_bounds: Tensor  # [ceil(T / 128), 4]
-    bwd_blocks: Tensor  # [ceil(T / 128), ceil(T / 64)]
+    bwd_blocks: Tensor  # [ceil(T / 128), ceil(Tq / 64)]
     bwd_counts: Tensor  # [ceil(T / 128)]
     bwd_order: Tensor  # [ceil(T / 128)]
 
     @property
     def num_tokens(self) -> int:
-        """T, the tokens this metadata describes."""
+        """T, the keys this metadata describes."""
         return self.lo.shape[0]
+
+    @property
+    def over_cache(self) -> bool:
+        """Whether the queries are not all the keys' rows (the kernels' backward refuses)."""
+        return self.q_offset != 0 or self.num_queries != self.num_tokens
 
 
 def _num_blocks(num_tokens: int, block: int) -> int:
     return -(-num_tokens // block)
+
+
+def metadata_bytes(num_tokens: int, num_queries: int | None = None) -> int:
+    """Bytes of the two tile lists of ``num_tokens`` keys and ``num_queries`` (default: as
+    many) query rows."""
+    num_queries = num_tokens if num_queries is None else num_queries
+    return 4 * (
+        _num_blocks(num_queries, FWD_BLOCK_Q) * _num_blocks(num_tokens, FWD_BLOCK_K)
+        + _num_blocks(num_tokens, BWD_BLOCK_K) * _num_blocks(num_queries, BWD_BLOCK_Q)
+    )
+
+
+def check_metadata_size(num_tokens: int, num_queries: int | None = None) -> None:
+    """Refuse a micro-batch whose tile lists would exceed ``MAX_METADATA_BYTES``.
+
+    Raises:
+        ValueError: naming T, the limit and the fix.
+    """
+    size = metadata_bytes(num_tokens, num_queries)
+    if size > MAX_METADATA_BYTES:
+        queries = "" if num_queries in (None, num_tokens) else f" and {num_queries} query rows"
+        raise ValueError(
+            f"the CUDA attention block metadata of T = {num_tokens} tokens{queries} needs "
+            f"{size / 2**20:.0f} MiB (it grows as T^2); the limit is T = {MAX_METADATA_TOKENS} "
+            f"({MAX_METADATA_BYTES // 2**20} MiB). Set data.token_budget <= {MAX_METADATA_TOKENS} "
+            f"or use attention backend 'flex'"
+        )
 
 
 def key_block_bounds(lo: Tensor, hi: Tensor, block_k: int) -> Tensor:
@@ -113,15 +159,24 @@ def key_block_bounds(lo: Tensor, hi: Tensor, block_k: int) -> Tensor:
     return bounds.to(torch.int32)
 
 
-def classify_tiles(bounds: Tensor, num_tokens: int, block_q: int) -> Tensor:
+def classify_tiles(
+    bounds: Tensor,
+    num_tokens: int,
+    block_q: int,
+    q_offset: int = 0,
+    num_queries: int | None = None,
+) -> Tensor:
     """Class of every (query block of ``block_q`` rows, key block) tile, int32 [nQ, nK]:
-    ``TILE_SKIPPED``, ``TILE_FULL`` or ``TILE_PARTIAL`` (module docstring)."""
+    ``TILE_SKIPPED``, ``TILE_FULL`` or ``TILE_PARTIAL`` (module docstring). The query rows
+    are ``q_offset .. q_offset + num_queries - 1`` (default: the last rows of the
+    ``num_tokens`` keys)."""
     if block_q < 1:
         raise ValueError(f"block_q must be >= 1, got {block_q}")
-    num_q_blocks = _num_blocks(num_tokens, block_q)
+    num_queries = check_query_rows(num_tokens, q_offset, num_queries)
+    num_q_blocks = _num_blocks(num_queries, block_q)
     row_start = torch.arange(num_q_blocks, device=bounds.device, dtype=torch.int64) * block_q
-    row_end = (row_start + block_q).clamp_max(num_tokens)
-    r0, r1 = row_start[:, None], row_end[:, None]  # [nQ, 1]
+    row_end = (row_start + block_q).clamp_max(num_queries)
+    r0, r1 = (q_offset + row_start)[:, None], (q_offset + row_end)[:, None]  # [nQ, 1], absolute
     lo_min, lo_max, hi_min, hi_max = (bounds[:, i][None, :] for i in range(4))  # [1, nK] each
     skipped = (lo_min >= r1) | (hi_max <= r0)
     full = (lo_max <= r0) & (hi_min >= r1)
@@ -161,24 +216,31 @@ def launch_order(counts: Tensor) -> Tensor:
     return torch.argsort(counts, dim=0, descending=True, stable=True).to(torch.int32)
 
 
-def build_block_metadata_reference(lo: Tensor, hi: Tensor) -> BlockMetadata:
-    """The ``BlockMetadata`` of ``lo, hi`` (int32 [T]) in PyTorch ops, on lo's device.
+def build_block_metadata_reference(
+    lo: Tensor, hi: Tensor, q_offset: int = 0, num_queries: int | None = None
+) -> BlockMetadata:
+    """The ``BlockMetadata`` of ``lo, hi`` (int32 [T]) and the query rows
+    ``[q_offset, q_offset + Tq)`` (default: all T rows), in PyTorch ops, on lo's device.
 
     Identical, tensor for tensor, to what the extension's ``build_block_metadata`` returns.
     """
     num_tokens = check_lo_hi(lo, hi)
+    num_queries = check_query_rows(num_tokens, q_offset, num_queries)
+    check_metadata_size(num_tokens, num_queries)
     lo, hi = lo.contiguous(), hi.contiguous()
     fwd_bounds = key_block_bounds(lo, hi, FWD_BLOCK_K)
     fwd_blocks, fwd_counts = tile_lists(
-        classify_tiles(fwd_bounds, num_tokens, FWD_BLOCK_Q), by_key=False
+        classify_tiles(fwd_bounds, num_tokens, FWD_BLOCK_Q, q_offset, num_queries), by_key=False
     )
     bwd_bounds = key_block_bounds(lo, hi, BWD_BLOCK_K)
     bwd_blocks, bwd_counts = tile_lists(
-        classify_tiles(bwd_bounds, num_tokens, BWD_BLOCK_Q), by_key=True
+        classify_tiles(bwd_bounds, num_tokens, BWD_BLOCK_Q, q_offset, num_queries), by_key=True
     )
     return BlockMetadata(
         lo=lo,
         hi=hi,
+        q_offset=q_offset,
+        num_queries=num_queries,
         fwd_bounds=fwd_bounds,
         fwd_blocks=fwd_blocks,
         fwd_counts=fwd_counts,

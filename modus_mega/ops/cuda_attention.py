@@ -1,15 +1,20 @@
 """The CUDA extension backend (csrc/modus_attn): fused masked GQA attention, forward and
 backward, for bf16 / fp16 and head dims 64 and 128.
 
-Legend: T = tokens of the packed micro-batch, Hq / Hkv = query / key-value heads, D = head dim.
+Legend: T = tokens (keys) of the packed micro-batch, Tq = query rows (T unless the queries
+are rows of a cache, DESIGN §8), Hq / Hkv = query / key-value heads, D = head dim.
 
 ``HAVE_CUDA_ATTENTION`` is True when the compiled extension ``modus_mega._modus_attn``
 imports (setup.py builds it where CUDA is present). The kernels are exposed as two
 ``torch.library`` custom ops with fake (meta) implementations and an autograd formula, so
 they trace under ``torch.compile`` and run under autograd:
 
-    modus_attn::attention_forward   (q, k, v, metadata...) -> (out [T, Hq, D], lse [Hq, T])
+    modus_attn::attention_forward   (q, k, v, metadata..., q_offset) -> (out [Tq, Hq, D],
+                                                                        lse [Hq, Tq])
     modus_attn::attention_backward  (dout, q, k, v, out, lse, dlse, ...) -> (dq, dk, dv)
+
+Queries over a cache run forward only: the backward kernels need the queries to be all the
+keys' rows, and refuse otherwise (generation never differentiates).
 
 ``CudaAttention.prepare`` builds the block metadata on the GPU once per micro-batch
 (``ops.block_metadata`` is its specification); every layer's ``forward`` reuses it. The
@@ -24,9 +29,18 @@ import math
 import torch
 from torch import Tensor
 
-from modus_mega.ops.attention import AttentionBackend, check_qkv
-from modus_mega.ops.block_metadata import BlockMetadata, build_block_metadata_reference
-from modus_mega.ops.mask import check_lo_hi
+from modus_mega.ops.attention import (
+    CUDA_KERNEL_DTYPES,
+    CUDA_KERNEL_HEAD_DIMS,
+    AttentionBackend,
+    check_qkv,
+)
+from modus_mega.ops.block_metadata import (
+    BlockMetadata,
+    build_block_metadata_reference,
+    check_metadata_size,
+)
+from modus_mega.ops.mask import check_lo_hi, check_query_rows
 
 try:
     from modus_mega import _modus_attn as _ext  # the compiled extension (setup.py)
@@ -34,9 +48,6 @@ except ImportError:
     _ext = None
 
 HAVE_CUDA_ATTENTION = _ext is not None
-
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
-SUPPORTED_HEAD_DIMS = (64, 128)
 
 
 def _require_extension() -> None:
@@ -50,25 +61,35 @@ def _require_extension() -> None:
 
 def _kernel_layout(x: Tensor) -> Tensor:
     """``x`` if the kernels can read it in place (unit last stride, token and head strides
-    multiples of 8 elements, 16-byte aligned start), else a contiguous copy."""
+    multiples of 8 elements, 16-byte aligned start), else a fresh contiguous copy.
+
+    A copy, not ``.contiguous()``: that returns a contiguous but misaligned view (e.g. at an
+    odd storage offset) unchanged, which the binding then refuses. Fresh allocations are
+    aligned (CUDA's caching allocator: 512 bytes; CPU: 64).
+    """
     aligned = (
         x.stride(-1) == 1
         and x.stride(0) % 8 == 0
         and x.stride(1) % 8 == 0
         and x.data_ptr() % 16 == 0
     )
-    return x if aligned else x.contiguous()
+    return x if aligned else x.clone(memory_format=torch.contiguous_format)
 
 
-def build_block_metadata(lo: Tensor, hi: Tensor) -> BlockMetadata:
-    """The kernels' block metadata of one micro-batch (``ops.block_metadata``).
+def build_block_metadata(
+    lo: Tensor, hi: Tensor, q_offset: int = 0, num_queries: int | None = None
+) -> BlockMetadata:
+    """The kernels' block metadata of one micro-batch (``ops.block_metadata``), for the
+    query rows ``[q_offset, q_offset + Tq)`` of the keys (default: all rows).
 
     On a CUDA device with the extension built, the GPU kernels build it without a host
     sync; elsewhere the PyTorch specification does (identical tensors).
     """
-    check_lo_hi(lo, hi)
+    num_tokens = check_lo_hi(lo, hi)
+    num_queries = check_query_rows(num_tokens, q_offset, num_queries)
+    check_metadata_size(num_tokens, num_queries)
     if _ext is None or not lo.is_cuda:
-        return build_block_metadata_reference(lo, hi)
+        return build_block_metadata_reference(lo, hi, q_offset, num_queries)
     lo, hi = lo.contiguous(), hi.contiguous()
     (
         fwd_bounds,
@@ -79,10 +100,12 @@ def build_block_metadata(lo: Tensor, hi: Tensor) -> BlockMetadata:
         bwd_blocks,
         bwd_counts,
         bwd_order,
-    ) = _ext.build_block_metadata(lo, hi)
+    ) = _ext.build_block_metadata(lo, hi, q_offset, num_queries)
     return BlockMetadata(
         lo=lo,
         hi=hi,
+        q_offset=q_offset,
+        num_queries=num_queries,
         fwd_bounds=fwd_bounds,
         fwd_blocks=fwd_blocks,
         fwd_counts=fwd_counts,
@@ -112,10 +135,12 @@ def _attention_forward_op(
     bwd_order: Tensor,
     scale: float,
     deterministic: bool,
+    q_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """out [T, Hq, D] (contiguous, q's dtype) and lse [Hq, T] (float32, -inf on rows that
-    see no key). The bwd_* lists and ``deterministic`` are inputs only so that autograd
-    saves them for the backward."""
+    """out [Tq, Hq, D] (contiguous, q's dtype) and lse [Hq, Tq] (float32, -inf on rows that
+    see no key); query row r sits at absolute position ``q_offset + r`` of the T keys. The
+    bwd_* lists and ``deterministic`` are inputs only so that autograd saves them for the
+    backward."""
     _require_extension()
     out, lse = _ext.attention_forward(
         _kernel_layout(q),
@@ -127,6 +152,7 @@ def _attention_forward_op(
         fwd_counts,
         fwd_order,
         scale,
+        q_offset,
     )
     return out, lse
 
@@ -146,10 +172,11 @@ def _attention_forward_fake(
     bwd_order: Tensor,
     scale: float,
     deterministic: bool,
+    q_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    num_tokens, num_q_heads, head_dim = q.shape
-    out = q.new_empty((num_tokens, num_q_heads, head_dim))
-    lse = q.new_empty((num_q_heads, num_tokens), dtype=torch.float32)
+    num_queries, num_q_heads, head_dim = q.shape
+    out = q.new_empty((num_queries, num_q_heads, head_dim))
+    lse = q.new_empty((num_q_heads, num_queries), dtype=torch.float32)
     return out, lse
 
 
@@ -222,22 +249,31 @@ def _attention_backward_fake(
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    *tensors, scale, deterministic = inputs  # q, k, v, lo, hi, the six list tensors
+    *tensors, scale, deterministic, q_offset = inputs  # q, k, v, lo, hi, the six list tensors
     ctx.save_for_backward(*tensors, *output)
     ctx.scale = scale
     ctx.deterministic = deterministic
+    ctx.q_offset = q_offset
 
 
 def _backward(
     ctx: torch.autograd.function.FunctionCtx, dout: Tensor | None, dlse: Tensor | None
 ) -> tuple[Tensor | None, ...]:
     q, k, v, lo, hi, *block_lists, out, lse = ctx.saved_tensors
+    if ctx.q_offset != 0 or q.shape[0] != k.shape[0]:
+        raise RuntimeError(
+            f"the CUDA attention backward needs the queries to be all the keys' rows; got "
+            f"{q.shape[0]} query rows at offset {ctx.q_offset} over {k.shape[0]} keys. Run "
+            f"queries over a cache without autograd (generation), or differentiate the "
+            f"full-sequence forward"
+        )
     if dout is None:  # only the log-sum-exp reached the loss
         dout = torch.zeros_like(out)
     dq, dk, dv = _attention_backward_op(
         dout, q, k, v, out, lse, dlse, lo, hi, *block_lists, ctx.scale, ctx.deterministic
     )
-    return (dq, dk, dv) + (None,) * 10  # lo, hi, the lists, scale and the mode get none
+    # lo, hi, the lists, scale, the mode and the offset get none
+    return (dq, dk, dv) + (None,) * 11
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -248,20 +284,28 @@ _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _check_kernel_inputs(q: Tensor, k: Tensor, v: Tensor, metadata: BlockMetadata) -> None:
     """Refuse inputs the kernels do not support, naming the fix."""
-    check_qkv(q, k, v, metadata.num_tokens)
+    check_qkv(q, k, v, metadata.num_tokens, metadata.num_queries)
+    if metadata.over_cache and torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, k, v)
+    ):
+        raise ValueError(
+            "the CUDA attention kernels run queries over a cache forward only (no backward); "
+            "call them under torch.no_grad() (generation), or differentiate the full-sequence "
+            "forward"
+        )
     if q.device.type != "cuda":
         raise ValueError(
             f"the CUDA attention backend needs CUDA tensors, got device {q.device}; use the "
             f"'reference' backend on CPU"
         )
-    if q.dtype not in SUPPORTED_DTYPES:
+    if q.dtype not in CUDA_KERNEL_DTYPES:
         raise ValueError(
             f"the CUDA attention kernels run in bfloat16 or float16, got {q.dtype}; cast q, k, v "
             f"or use the 'reference' backend for float32"
         )
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    if q.shape[-1] not in CUDA_KERNEL_HEAD_DIMS:
         raise ValueError(
-            f"the CUDA attention kernels support head_dim {SUPPORTED_HEAD_DIMS}, got "
+            f"the CUDA attention kernels support head_dim {CUDA_KERNEL_HEAD_DIMS}, got "
             f"{q.shape[-1]}; use the 'flex' or 'reference' backend"
         )
     if metadata.lo.device != q.device:
@@ -283,14 +327,15 @@ def cuda_attention_with_lse(
     q, k, v, and through the log-sum-exp).
 
     Args:
-        q: [T, Hq, D]; k, v: [T, Hkv, D]; bf16 or fp16 CUDA tensors, D in (64, 128).
-        metadata: ``build_block_metadata(lo, hi)`` of this micro-batch.
+        q: [Tq, Hq, D]; k, v: [T, Hkv, D]; bf16 or fp16 CUDA tensors, D in (64, 128).
+        metadata: ``build_block_metadata(lo, hi, q_offset, Tq)`` of this micro-batch; with a
+            query range other than all rows, forward only.
         scale: multiplies q . k; defaults to 1 / sqrt(D).
         deterministic: bitwise reproducible backward (slower).
 
     Returns:
-        ``out`` [T, Hq, D] in q's dtype and ``lse`` [T, Hq] float32 (a transposed view of the
-        kernels' [Hq, T]; ``-inf`` on rows that see no key, whose output is 0), the layout of
+        ``out`` [Tq, Hq, D] in q's dtype and ``lse`` [Tq, Hq] float32 (a transposed view of the
+        kernels' [Hq, Tq]; ``-inf`` on rows that see no key, whose output is 0), the layout of
         ``attention_reference.reference_attention_with_lse``.
     """
     _check_kernel_inputs(q, k, v, metadata)
@@ -311,6 +356,7 @@ def cuda_attention_with_lse(
         metadata.bwd_order,
         scale,
         deterministic,
+        metadata.q_offset,
     )
     return out, lse.t()
 
@@ -325,18 +371,21 @@ class CudaAttention(AttentionBackend):
         _require_extension()
         self.deterministic = deterministic
 
-    def prepare(self, lo: Tensor, hi: Tensor) -> BlockMetadata:
-        """Build the block metadata of this micro-batch on lo's CUDA device (no host sync)."""
+    def prepare(
+        self, lo: Tensor, hi: Tensor, q_offset: int = 0, num_queries: int | None = None
+    ) -> BlockMetadata:
+        """Build the block metadata of this micro-batch on lo's CUDA device (no host sync).
+        A query range other than all rows runs forward only."""
         check_lo_hi(lo, hi)
         if not lo.is_cuda:
             raise ValueError(
                 f"the CUDA attention backend builds its metadata on the GPU; lo/hi are on "
                 f"{lo.device}, move them to the activations' CUDA device"
             )
-        return build_block_metadata(lo, hi)
+        return build_block_metadata(lo, hi, q_offset, num_queries)
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, prepared: BlockMetadata, scale: float
     ) -> Tensor:
-        """[T, Hq, D] masked attention in q's dtype; see ``AttentionBackend.forward``."""
+        """[Tq, Hq, D] masked attention in q's dtype; see ``AttentionBackend.forward``."""
         return cuda_attention_with_lse(q, k, v, prepared, scale, self.deterministic)[0]

@@ -195,6 +195,48 @@ def check_lo_hi(lo: Tensor, hi: Tensor) -> int:
     return lo.shape[0]
 
 
+def check_query_rows(num_tokens: int, q_offset: int, num_queries: int | None) -> int:
+    """Check a query range over a cache (``AttentionBackend.prepare``) and return Tq.
+
+    The queries are the rows ``q_offset .. q_offset + Tq - 1`` of the ``num_tokens`` keys;
+    ``num_queries`` None means the last rows (Tq = T - q_offset).
+
+    Raises:
+        ValueError: a negative offset or count, or rows past the keys.
+    """
+    q_offset = _check_non_negative("q_offset", q_offset)
+    if num_queries is None:
+        num_queries = num_tokens - q_offset
+    num_queries = _check_non_negative("num_queries", num_queries)
+    if q_offset + num_queries > num_tokens:
+        raise ValueError(
+            f"the query rows [{q_offset}, {q_offset + num_queries}) run past the {num_tokens} "
+            f"keys; the queries must be rows of the keys (q_offset + num_queries <= T), so "
+            f"append their own keys to the cache first"
+        )
+    return num_queries
+
+
+def cache_boundaries(lo: Tensor) -> Tensor:
+    """Where a KV cache may end: bool [T + 1], True at s iff no query row before s sees a
+    key at or after s (``lo[k] >= s`` for every k >= s).
+
+    Then the rows [0, s) and every layer's keys and values there are the same with or without
+    the tokens from s on, so they can be cached and the rest run as queries with
+    ``q_offset = s``. True at 0, T, sample starts, before and after every causal token, at
+    the start and end of every split; False strictly inside a full or noise split (its
+    earlier tokens see its later ones). Attention itself is exact at any offset; this is
+    the rule for the cache (DESIGN §8).
+    """
+    if lo.dim() != 1:
+        raise ValueError(f"lo must be a vector [T], got shape {tuple(lo.shape)}")
+    lo64 = lo.detach().to("cpu", torch.int64)  # [T]
+    suffix_min_lo = torch.cummin(lo64.flip(0), dim=0).values.flip(0)  # [T]: min lo over k..T-1
+    split = torch.arange(lo64.shape[0] + 1)  # [T + 1]
+    tail = torch.cat([suffix_min_lo, torch.tensor([torch.iinfo(torch.int64).max])])
+    return tail >= split
+
+
 def dense_mask_from_lo_hi(lo: Tensor, hi: Tensor) -> Tensor:
     """Expand column intervals into a dense [T, T] bool: ``allowed[q, k] = lo[k] <= q < hi[k]``."""
     num_tokens = check_lo_hi(lo, hi)

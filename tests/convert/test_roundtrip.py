@@ -121,7 +121,7 @@ def test_hf_round_trip_with_dtype_cast_is_exact(chain, tmp_path: Path) -> None:
     cfg, root, _, model, _ = chain
     with open_hf(root / "hf") as source:
         write_hf(source, cfg.model, tmp_path / "bf16", dtype=torch.bfloat16)
-    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     m, _ = load_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, with_vae=False)
     assert m.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(m.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))

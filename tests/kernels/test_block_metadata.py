@@ -39,9 +39,9 @@ BLOCK_SHAPES = [(1, 1), (3, 5), (8, 8), (16, 4), (7, 32), (64, 128), (128, 64)]
 
 
 def _dense_tile_classes(allowed: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
-    """Tile classes from a dense bool [T, T] mask (allowed[q, k]), int32 [nQ, nK]."""
-    num_tokens = allowed.shape[0]
-    num_q, num_k = -(-num_tokens // block_q), -(-num_tokens // block_k)
+    """Tile classes from a dense bool [Tq, T] mask (allowed[q, k]), int32 [nQ, nK]."""
+    num_rows, num_tokens = allowed.shape
+    num_q, num_k = -(-num_rows // block_q), -(-num_tokens // block_k)
     classes = torch.empty(num_q, num_k, dtype=torch.int32)
     for i in range(num_q):
         for j in range(num_k):
@@ -119,6 +119,50 @@ def test_classification_is_exact_when_every_key_sees_itself() -> None:
         assert torch.equal(
             _classes(lo, hi, block_q, block_k), _dense_tile_classes(allowed, block_q, block_k)
         )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_classification_over_a_cache_is_exact_on_packed_layouts(seed: int) -> None:
+    """Query rows [q_offset, q_offset + Tq) of the keys: the tiles of those rows of the
+    oracle mask, for any offset (at a tile edge or not) and Tq (the last rows or fewer)."""
+    rng = random.Random(200 + seed)
+    for _ in range(4):
+        lo, hi, allowed = _layout_with_padding(rng)
+        num_tokens = lo.shape[0]
+        q_offset = rng.randrange(num_tokens)
+        last = num_tokens - q_offset
+        num_queries = last if rng.random() < 0.5 else rng.randint(1, last)
+        rows = allowed[q_offset : q_offset + num_queries]
+        for block_q, block_k in BLOCK_SHAPES:
+            got = classify_tiles(
+                key_block_bounds(lo, hi, block_k), num_tokens, block_q, q_offset, num_queries
+            )
+            assert torch.equal(got, _dense_tile_classes(rows, block_q, block_k)), (
+                block_q,
+                block_k,
+                q_offset,
+                num_queries,
+            )
+        meta = build_block_metadata_reference(lo, hi, q_offset, num_queries)
+        assert (meta.q_offset, meta.num_queries, meta.over_cache) == (
+            q_offset,
+            num_queries,
+            q_offset > 0 or num_queries < num_tokens,
+        )
+        q_blocks = (-(-num_queries // FWD_BLOCK_Q), -(-num_queries // BWD_BLOCK_Q))
+        k_blocks = (-(-num_tokens // FWD_BLOCK_K), -(-num_tokens // BWD_BLOCK_K))
+        assert meta.fwd_blocks.shape == (q_blocks[0], k_blocks[0])
+        assert meta.bwd_blocks.shape == (k_blocks[1], q_blocks[1])
+
+
+def test_metadata_of_a_decode_step() -> None:
+    """One query row at the end of a 300-token causal document sees every key in full
+    (the kernel masks the keys past T of the last block itself)."""
+    lo, hi = lo_hi_for_layout([[("causal", 300)]])
+    meta = build_block_metadata_reference(lo, hi, q_offset=299)
+    assert meta.fwd_counts.tolist() == [5]
+    assert meta.fwd_blocks.tolist() == [[0, 2, 4, 6, 8]]
+    assert meta.bwd_counts.tolist() == [1, 1, 1]
 
 
 def test_key_block_bounds_clamp_and_empty_intervals() -> None:

@@ -29,7 +29,12 @@ from torch import Tensor
 from modus_mega.ops import cuda_attention
 from modus_mega.ops.attention import attention, get_attention_backend
 from modus_mega.ops.attention_reference import reference_attention_with_lse
-from modus_mega.ops.block_metadata import BlockMetadata, build_block_metadata_reference
+from modus_mega.ops.block_metadata import (
+    MAX_METADATA_TOKENS,
+    BlockMetadata,
+    build_block_metadata_reference,
+    check_metadata_size,
+)
 from modus_mega.ops.cuda_attention import (
     HAVE_CUDA_ATTENTION,
     CudaAttention,
@@ -276,6 +281,32 @@ def test_refuses_what_the_kernels_cannot_run() -> None:
         cuda_attention_with_lse(q[:8], kv[:8], kv[:8], meta)
 
 
+def test_misaligned_inputs_are_copied_for_the_kernels() -> None:
+    """A contiguous view at an odd storage offset is misaligned; ``.contiguous()`` would
+    return it unchanged and the binding would refuse it, so the layout helper copies."""
+    storage = torch.randn(16 * 4 * 64 + 1).to(torch.bfloat16)
+    misaligned = storage[1:].view(16, 4, 64)  # starts 2 bytes into the storage
+    assert misaligned.is_contiguous() and misaligned.data_ptr() % 16 != 0
+    copied = cuda_attention._kernel_layout(misaligned)
+    assert copied.data_ptr() % 16 == 0 and copied.is_contiguous()
+    assert torch.equal(copied, misaligned)
+    # Views the kernels read in place (a fused projection's q) are not copied.
+    fused = torch.zeros(16, 4 + 2, 64, dtype=torch.bfloat16)
+    q = fused[:, :4]
+    assert cuda_attention._kernel_layout(q) is q
+    odd_stride = torch.zeros(16, 4, 68, dtype=torch.bfloat16)[..., :64]  # head stride 68
+    assert cuda_attention._kernel_layout(odd_stride).stride() == (256, 64, 1)
+
+
+def test_block_metadata_refuses_too_many_tokens() -> None:
+    check_metadata_size(MAX_METADATA_TOKENS)  # the stated limit itself is fine
+    lo = torch.arange(MAX_METADATA_TOKENS + 1, dtype=torch.int32)
+    for build in (build_block_metadata, build_block_metadata_reference):
+        with pytest.raises(ValueError, match=f"T = {MAX_METADATA_TOKENS + 1}.*limit is T = "
+                           f"{MAX_METADATA_TOKENS}.*data.token_budget"):
+            build(lo, lo + 1)
+
+
 # ----------------------------------------------------------------------------- CPU emulation
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "modus_attn"
@@ -345,30 +376,41 @@ class _EmulatedExtension:
         return tensors
 
     @staticmethod
-    def _config(q: Tensor, k: Tensor, scale: float, deterministic: bool, has_dlse: bool) -> str:
-        num_tokens, num_q_heads, head_dim = q.shape
+    def _config(
+        q: Tensor,
+        k: Tensor,
+        scale: float,
+        deterministic: bool,
+        has_dlse: bool,
+        q_offset: int = 0,
+    ) -> str:
+        num_queries, num_q_heads, head_dim = q.shape
         dtype = "bf16" if q.dtype == torch.bfloat16 else "fp16"
-        shape = f"{num_tokens} {num_q_heads} {k.shape[1]} {head_dim}"
-        return f"{shape} {dtype} {scale!r} {int(deterministic)} {int(has_dlse)}"
+        shape = f"{k.shape[0]} {num_q_heads} {k.shape[1]} {head_dim}"
+        flags = f"{int(deterministic)} {int(has_dlse)} {num_queries} {q_offset}"
+        return f"{shape} {dtype} {scale!r} {flags}"
 
-    def build_block_metadata(self, lo: Tensor, hi: Tensor) -> list[Tensor]:
+    def build_block_metadata(
+        self, lo: Tensor, hi: Tensor, q_offset: int, num_queries: int
+    ) -> list[Tensor]:
         num_tokens = lo.shape[0]
         num_128, num_64 = -(-num_tokens // 128), -(-num_tokens // 64)
+        q_128, q_64 = -(-num_queries // 128), -(-num_queries // 64)
         shapes = {
             "fwd_bounds": (num_64, 4),
-            "fwd_blocks": (num_128, num_64),
-            "fwd_counts": (num_128,),
-            "fwd_order": (num_128,),
+            "fwd_blocks": (q_128, num_64),
+            "fwd_counts": (q_128,),
+            "fwd_order": (q_128,),
         }
         shapes |= {
             "bwd_bounds": (num_128, 4),
-            "bwd_blocks": (num_128, num_64),
+            "bwd_blocks": (num_128, q_64),
             "bwd_counts": (num_128,),
             "bwd_order": (num_128,),
         }
         return self._run(
             "metadata",
-            f"{num_tokens} 1 1 64 bf16 1.0 0 0",
+            f"{num_tokens} 1 1 64 bf16 1.0 0 0 {num_queries} {q_offset}",
             {"lo": lo, "hi": hi},
             {name: (torch.int32, shapes[name]) for name in _METADATA_FIELDS},
         )
@@ -384,8 +426,9 @@ class _EmulatedExtension:
         fwd_counts: Tensor,
         fwd_order: Tensor,
         scale: float,
+        q_offset: int,
     ) -> list[Tensor]:
-        num_tokens, num_q_heads, _ = q.shape
+        num_queries, num_q_heads, _ = q.shape
         inputs = {
             "q": q,
             "k": k,
@@ -398,9 +441,10 @@ class _EmulatedExtension:
         }
         outputs = {
             "out": (q.dtype, tuple(q.shape)),
-            "lse": (torch.float32, (num_q_heads, num_tokens)),
+            "lse": (torch.float32, (num_q_heads, num_queries)),
         }
-        return self._run("forward", self._config(q, k, scale, False, False), inputs, outputs)
+        config = self._config(q, k, scale, False, False, q_offset)
+        return self._run("forward", config, inputs, outputs)
 
     def attention_backward(
         self,
@@ -511,6 +555,7 @@ def _attend_through_ops(
         metadata.bwd_order,
         scale,
         deterministic,
+        metadata.q_offset,
     )
     return out, lse.t()
 
@@ -526,10 +571,18 @@ def test_emulated_metadata_equals_the_reference(emulated_extension: _EmulatedExt
         lo_hi_for_layout([_modus_sample(random.Random(4), 30) for _ in range(8)]),
     ]
     for lo, hi in [*cases, (arbitrary_lo, arbitrary_hi)]:
-        got = emulated_extension.build_block_metadata(lo, hi)
-        ref = build_block_metadata_reference(lo, hi)
-        for name, tensor in zip(_METADATA_FIELDS, got):
-            assert torch.equal(tensor, getattr(ref, name)), name
+        num_tokens = lo.shape[0]
+        # All rows; then queries over a cache: the last rows, one decode row, a middle range.
+        for q_offset, num_queries in (
+            (0, num_tokens),
+            (1000, num_tokens - 1000),
+            (num_tokens - 1, 1),
+            (700, 300),
+        ):
+            got = emulated_extension.build_block_metadata(lo, hi, q_offset, num_queries)
+            ref = build_block_metadata_reference(lo, hi, q_offset, num_queries)
+            for name, tensor in zip(_METADATA_FIELDS, got):
+                assert torch.equal(tensor, getattr(ref, name)), (name, q_offset, num_queries)
 
 
 def _small_modus_batch() -> tuple[Tensor, Tensor]:
@@ -590,6 +643,99 @@ def test_emulated_kernels_match_the_oracles(
     assert emulated_extension.calls == 2  # one forward, one backward
 
 
+def _cached_layouts() -> list[tuple[Tensor, Tensor]]:
+    """lo, hi of small packed micro-batches: causal text, full and noise splits, several
+    samples, padding."""
+    lo, hi = _small_modus_batch()
+    rng = random.Random(21)
+    layout = sample_random_layout(rng, max_samples=5, max_runs=5, max_run_length=30)
+    r_lo, r_hi = lo_hi_for_layout(layout)
+    pad_lo, pad_hi = padding_lo_hi(layout_num_tokens(layout), 7)
+    return [(lo, hi), (torch.cat([r_lo, pad_lo]), torch.cat([r_hi, pad_hi]))]
+
+
+def _check_rows_over_a_cache(
+    attend: AttendFn,
+    lo: Tensor,
+    hi: Tensor,
+    q_offset: int,
+    num_queries: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> None:
+    """Queries = rows [q_offset, q_offset + Tq) against the same rows of the full-sequence
+    fp32 oracle, by the accuracy rule (forward: out and lse)."""
+    num_tokens, device = lo.shape[0], lo.device
+    q, k, v, _ = _inputs(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, seed, device)
+    rows = slice(q_offset, q_offset + num_queries)
+    scale = head_dim**-0.5
+    metadata = build_block_metadata(lo, hi, q_offset, num_queries)
+    with torch.no_grad():
+        out, lse = attend(q[rows], k, v, metadata, scale, False)
+        ref_out, ref_lse = reference_attention_with_lse(
+            q.float(), k.float(), v.float(), lo, hi, scale
+        )
+        pt_out, _ = _torch_attention(q, k, v, lo, hi, scale)
+    ref_out, ref_lse, pt_out = ref_out[rows], ref_lse[rows], pt_out[rows]
+    assert out.shape == (num_queries, num_q_heads, head_dim) and out.dtype == dtype
+    assert lse.shape == (num_queries, num_q_heads)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert _max_error(lse[finite], ref_lse[finite]) <= 1e-3 * max(1.0, ref_lse.abs().max().item())
+    error, pt_error = _max_error(out, ref_out), _max_error(pt_out, ref_out)
+    floor = 1e-4 * max(ref_out.abs().max().item(), 0.1)
+    assert error <= 2 * pt_error + floor, (q_offset, num_queries, error, pt_error)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "num_q_heads", "num_kv_heads"),
+    [(torch.bfloat16, 64, 4, 1), (torch.float16, 128, 2, 2)],
+)
+def test_emulated_forward_over_a_cache_equals_the_rows_of_the_full_forward(
+    emulated_extension: _EmulatedExtension,
+    dtype: torch.dtype,
+    head_dim: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+) -> None:
+    """The forward kernel's source on CPU with a query offset: tile classification and the
+    mask use absolute rows. Offsets at a tile edge and not, last rows and a middle range."""
+    for case, (lo, hi) in enumerate(_cached_layouts()):
+        num_tokens = lo.shape[0]
+        for q_offset, num_queries in (
+            (num_tokens - 1, 1),  # one decode step
+            (67, num_tokens - 67),  # the last rows, from inside a key block
+            (num_tokens // 2, num_tokens // 4),  # rows that stop before the end of the keys
+        ):
+            _check_rows_over_a_cache(
+                _attend_through_ops,
+                lo,
+                hi,
+                q_offset,
+                num_queries,
+                num_q_heads,
+                num_kv_heads,
+                head_dim,
+                dtype,
+                seed=case,
+            )
+
+
+def test_kernels_refuse_the_backward_over_a_cache(emulated_extension: _EmulatedExtension) -> None:
+    lo, hi = _small_modus_batch()
+    metadata = build_block_metadata(lo, hi, 100)
+    q, k, v, _ = _inputs(lo.shape[0], 2, 1, 64, torch.bfloat16, seed=0, device=torch.device("cpu"))
+    q_rows = q[100:].detach().requires_grad_()
+    with pytest.raises(ValueError, match="forward only.*torch.no_grad"):
+        cuda_attention_with_lse(q_rows, k, v, metadata)
+    out, _ = _attend_through_ops(q_rows, k, v, metadata, 0.125, False)
+    with pytest.raises(RuntimeError, match="all the keys' rows; got 93 query rows at offset 100"):
+        out.float().sum().backward()
+
+
 # ----------------------------------------------------------------------------- GPU tests
 
 
@@ -610,6 +756,30 @@ def test_gpu_metadata_equals_the_reference(name: str) -> None:
         "bwd_order",
     ):
         assert torch.equal(getattr(got, field), getattr(ref, field)), field
+
+
+@requires_kernels
+@pytest.mark.parametrize("name", ["modus", "long_doc"])
+def test_gpu_metadata_over_a_cache_equals_the_reference(name: str) -> None:
+    lo, hi = _micro_batch(name)
+    num_tokens = lo.shape[0]
+    for q_offset, num_queries in ((num_tokens - 1, 1), (130, num_tokens - 130), (64, 200)):
+        got = build_block_metadata(lo, hi, q_offset, num_queries)
+        ref = build_block_metadata_reference(lo, hi, q_offset, num_queries)
+        for field in _METADATA_FIELDS:
+            assert torch.equal(getattr(got, field), getattr(ref, field)), (field, q_offset)
+
+
+@requires_kernels
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("name", ["modus", "packed_docs", "long_doc"])
+def test_gpu_forward_over_a_cache(name: str, head_dim: int) -> None:
+    lo, hi = _micro_batch(name)
+    num_tokens = lo.shape[0]
+    for q_offset, num_queries in ((num_tokens - 1, 1), (191, num_tokens - 191), (64, 300)):
+        _check_rows_over_a_cache(
+            cuda_attention_with_lse, lo, hi, q_offset, num_queries, 7, 1, head_dim, torch.bfloat16
+        )
 
 
 @requires_kernels
@@ -787,7 +957,7 @@ def test_gpu_strided_inputs_are_read_in_place() -> None:
 def test_gpu_backend_seam_and_compile() -> None:
     """``get_attention_backend`` picks the kernels on CUDA; the op traces under
     torch.compile (fullgraph) and passes torch.library's op checks."""
-    backend = get_attention_backend("auto", DEVICE)
+    backend = get_attention_backend("auto", DEVICE, head_dim=64, dtype=torch.bfloat16)
     assert isinstance(backend, CudaAttention)
     lo, hi = _micro_batch("modus")
     q, k, v, _ = _inputs(lo.shape[0], 8, 2, 64, torch.bfloat16, seed=6)

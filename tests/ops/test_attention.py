@@ -11,7 +11,11 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from modus_mega.ops.attention import attention, get_attention_backend
+from modus_mega.ops.attention import (
+    attention,
+    choose_attention_backend,
+    get_attention_backend,
+)
 from modus_mega.ops.attention_flex import (
     FlexAttention,
     block_mask_from_lo_hi,
@@ -24,6 +28,7 @@ from modus_mega.ops.attention_reference import (
     reference_attention_with_lse,
 )
 from modus_mega.ops.mask import (
+    cache_boundaries,
     dense_mask_from_layout,
     dense_mask_from_lo_hi,
     layout_num_tokens,
@@ -338,9 +343,69 @@ def test_auto_prefers_the_cuda_extension_when_built(monkeypatch: pytest.MonkeyPa
     assert isinstance(get_attention_backend("auto", "cuda"), FlexAttention)
 
     fake.HAVE_CUDA_ATTENTION = True
-    assert isinstance(get_attention_backend("auto", "cuda"), FakeCudaAttention)
+    supported = {"head_dim": 128, "dtype": torch.bfloat16}
+    assert isinstance(get_attention_backend("auto", "cuda", **supported), FakeCudaAttention)
     assert isinstance(get_attention_backend("cuda", "cuda:0"), FakeCudaAttention)
-    assert isinstance(get_attention_backend("auto", "cpu"), ReferenceAttention)
+    assert isinstance(get_attention_backend("auto", "cpu", **supported), ReferenceAttention)
+    # The tiny configs' head dim 16: the kernels would raise at the first forward.
+    tiny = {"head_dim": 16, "dtype": torch.bfloat16}
+    assert isinstance(get_attention_backend("auto", "cuda", **tiny), FlexAttention)
+    with pytest.raises(ValueError, match="head_dim .*got 16.*'auto' or 'flex'"):
+        get_attention_backend("cuda", "cuda", **tiny)
+
+
+@pytest.mark.parametrize(
+    ("device_type", "head_dim", "dtype", "built", "expected"),
+    [
+        ("cuda", 128, torch.bfloat16, True, "cuda"),
+        ("cuda", 64, torch.float16, True, "cuda"),
+        ("cuda", 16, torch.bfloat16, True, "flex"),  # tiny configs
+        ("cuda", 96, torch.float16, True, "flex"),
+        ("cuda", 128, torch.float32, True, "flex"),  # fp32 runs
+        ("cuda", None, torch.bfloat16, True, "flex"),  # unknown: never the extension
+        ("cuda", 128, None, True, "flex"),
+        ("cuda", 128, torch.bfloat16, False, "flex"),  # not built
+        ("cpu", 128, torch.bfloat16, True, "reference"),
+        ("cpu", 16, torch.float32, False, "reference"),
+    ],
+)
+def test_auto_picks_by_device_head_dim_dtype_and_build(
+    device_type: str, head_dim: int | None, dtype: torch.dtype | None, built: bool, expected: str
+) -> None:
+    assert choose_attention_backend("auto", device_type, head_dim, dtype, built) == expected
+
+
+def test_explicit_cuda_refuses_what_the_kernels_cannot_run() -> None:
+    assert choose_attention_backend("cuda", "cuda", 64, torch.bfloat16, True) == "cuda"
+    with pytest.raises(ValueError, match="got torch.float32.*'auto' or 'flex'"):
+        choose_attention_backend("cuda", "cuda", 128, torch.float32, True)
+    with pytest.raises(ValueError, match="not available: not built here"):
+        choose_attention_backend("cuda", "cuda", 128, torch.bfloat16, False, "not built here")
+    assert choose_attention_backend("flex", "cpu", 16, torch.float32, True) == "flex"
+
+
+def test_compiled_flex_is_built_once_per_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One torch.compile wrapper per backend object, however many micro-batches it serves
+    (a wrapper per call recompiles every step, then falls back to eager silently)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    wrappers = []
+    real_compile = torch.compile
+
+    def counting_compile(fn, **kwargs):  # flex_attention's wrapper runs eagerly on CPU
+        if fn is not flex_attention:  # torch compiles its own helpers too
+            return real_compile(fn, **kwargs)
+        wrappers.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    backend = FlexAttention(compiled=True)
+    for case in range(3):
+        lo, hi = lo_hi_for_layout([[("causal", 5 + case), ("noise", 4)]])
+        q, k, v = _qkv(lo.shape[0], 2, 1, 16, torch.float32, seed=case)
+        with torch.no_grad():
+            backend.forward(q, k, v, backend.prepare(lo, hi), 0.25)
+    assert wrappers == [{"dynamic": False}]
 
 
 def test_attention_defaults_to_inverse_sqrt_head_dim_scale() -> None:
@@ -412,3 +477,120 @@ def test_flex_on_gpu_matches_reference_forward_and_backward(num_tokens: int) -> 
     for name, (got, base, want) in zip(("out", "dq", "dk", "dv"), pairs):
         assert got.dtype == torch.bfloat16
         assert _relative_error(got, want) <= 2 * _relative_error(base, want) + 1e-3, name
+
+
+# ----------------------------------------------------------------------------- queries over a cache
+
+
+def _query_range(rng: random.Random, num_tokens: int) -> tuple[int, int]:
+    """A query offset anywhere in the keys and Tq: mostly the last rows, sometimes fewer."""
+    q_offset = rng.randrange(num_tokens)
+    last = num_tokens - q_offset
+    return q_offset, last if rng.random() < 0.7 else rng.randint(1, last)
+
+
+@pytest.mark.parametrize(("group", "head_dim"), [(1, 16), (7, 16), (2, 64)])
+def test_reference_over_a_cache_equals_the_rows_of_the_full_attention(
+    group: int, head_dim: int
+) -> None:
+    """Forward and backward at fp64: the cached form is exactly rows [q_offset, q_offset + Tq)
+    of the full-sequence attention (and of the dense oracle), for any offset."""
+    rng = random.Random(300 + group)
+    for case in range(25):
+        lo, hi, allowed = _micro_batch(rng, max_run_length=20, max_samples=5)
+        num_tokens = lo.shape[0]
+        q_offset, num_queries = _query_range(rng, num_tokens)
+        rows = slice(q_offset, q_offset + num_queries)
+        q, k, v = _qkv(num_tokens, 2 * group, 2, head_dim, torch.float64, seed=case)
+        backend = ReferenceAttention(max_group_tokens=rng.choice([1, 7, 1024]))
+
+        full = backend.forward(q, k, v, backend.prepare(lo, hi), 0.3)
+        q_rows = q.detach()[rows].requires_grad_()
+        plan = backend.prepare(lo, hi, q_offset, num_queries)
+        cached = backend.forward(q_rows, k, v, plan, 0.3)
+        assert cached.shape == (num_queries, 2 * group, head_dim)
+        torch.testing.assert_close(cached, full[rows], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            cached, _dense_attention(q, k, v, allowed, 0.3)[rows], rtol=1e-10, atol=1e-10
+        )
+
+        cotangent = torch.randn_like(cached)
+        dq, dk, dv = _grads(cached, cotangent, q_rows, k, v)
+        full_cotangent = torch.zeros_like(full)
+        full_cotangent[rows] = cotangent
+        full_dq, full_dk, full_dv = _grads(full, full_cotangent, q, k, v)
+        torch.testing.assert_close(dq, full_dq[rows], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(dk, full_dk, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(dv, full_dv, rtol=1e-10, atol=1e-12)
+
+        _, lse = reference_attention_with_lse(q_rows, k, v, lo, hi, 0.3, q_offset=q_offset)
+        _, full_lse = reference_attention_with_lse(q, k, v, lo, hi, 0.3)
+        torch.testing.assert_close(lse, full_lse[rows], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_over_a_cache_equals_the_rows_of_the_full_attention(dtype: torch.dtype) -> None:
+    """CPU forward (no CPU backward in torch). fp32 against the reference's rows; bf16 by the
+    accuracy rule: error against the fp32 rows at most 2x that of dense bf16 PyTorch."""
+    rng = random.Random(400)
+    flex, reference = FlexAttention(compiled=False), ReferenceAttention()
+    for case in range(6):
+        # Up to ~6 * 6 * 40 tokens: several 128-token tiles and ragged last ones.
+        lo, hi, allowed = _micro_batch(rng, max_run_length=40, max_samples=6)
+        num_tokens = lo.shape[0]
+        q_offset, num_queries = _query_range(rng, num_tokens)
+        rows = slice(q_offset, q_offset + num_queries)
+        q, k, v = _qkv(num_tokens, 4, 2, 16, dtype, seed=case)
+        with torch.no_grad():
+            out = flex.forward(q[rows], k, v, flex.prepare(lo, hi, q_offset, num_queries), 0.25)
+            q32, k32, v32 = (t.float() for t in (q, k, v))
+            expected = reference.forward(q32, k32, v32, reference.prepare(lo, hi), 0.25)[rows]
+        assert out.shape == (num_queries, 4, 16) and out.dtype == dtype and out.is_contiguous()
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+        else:
+            with torch.no_grad():
+                group_keys, group_values = (t.repeat_interleave(2, dim=1) for t in (k, v))
+                scores = torch.einsum("qhd,khd->hqk", q, group_keys) * 0.25
+                probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1)
+                baseline = torch.einsum("hqk,khd->qhd", probs, group_values)[rows]
+            error = (out.double() - expected.double()).abs().max().item()
+            baseline_error = (baseline.double() - expected.double()).abs().max().item()
+            assert error <= 2 * baseline_error + 1e-4, (error, baseline_error)
+
+
+def test_query_ranges_are_checked() -> None:
+    lo, hi = lo_hi_for_layout([[("causal", 6)]])
+    for backend in (ReferenceAttention(), FlexAttention(compiled=False)):
+        with pytest.raises(ValueError, match=r"rows \[4, 8\) run past the 6 keys"):
+            backend.prepare(lo, hi, 4, 4)
+        with pytest.raises(ValueError, match="q_offset must be an integer >= 0"):
+            backend.prepare(lo, hi, -1)
+        prepared = backend.prepare(lo, hi, 2)  # the last 4 rows
+        q, k, v = _qkv(6, 2, 1, 16, torch.float32, seed=0)
+        with pytest.raises(ValueError, match="6 keys and 4 query rows"):
+            with torch.no_grad():
+                backend.forward(q, k, v, prepared, 1.0)
+
+
+def test_cache_boundaries_are_where_the_prefix_ignores_the_rest() -> None:
+    lo, _ = lo_hi_for_layout([[("causal", 3), ("full", 4), ("noise", 3)], [("causal", 2)]])
+    expected = [1, 1, 1, 1, 0, 0, 0, 1, 0, 0, 1, 1, 1]  # positions 0 .. 12
+    assert cache_boundaries(lo).tolist() == [bool(b) for b in expected]
+
+    # The definition, through attention: the rows before a boundary computed from the prefix
+    # alone equal the full-sequence rows; before any other split point they differ.
+    rng = random.Random(8)
+    backend = ReferenceAttention()
+    for case in range(15):
+        lo, hi, _ = _micro_batch(rng, max_run_length=10)
+        num_tokens = lo.shape[0]
+        q, k, v = _qkv(num_tokens, 2, 1, 16, torch.float64, seed=case)
+        with torch.no_grad():
+            full = backend.forward(q, k, v, backend.prepare(lo, hi), 1.0)
+            for split, allowed_split in enumerate(cache_boundaries(lo).tolist()):
+                if not 0 < split < num_tokens:
+                    continue
+                prefix = backend.prepare(lo[:split], hi[:split].clamp_max(split))
+                alone = backend.forward(q[:split], k[:split], v[:split], prefix, 1.0)
+                assert torch.allclose(alone, full[:split], rtol=0, atol=1e-12) == allowed_split

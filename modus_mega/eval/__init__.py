@@ -1,0 +1,1 @@
+"""Evaluation of MODUS: the paper's metrics (``metrics/``), each a function on arrays."""
