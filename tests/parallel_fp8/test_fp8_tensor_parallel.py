@@ -46,7 +46,7 @@ from modus_mega.parallel.tensor_parallel import (
     init_hooks,
     megatron_config,
 )
-from modus_mega.training.losses import modus_loss, serial_cross_entropy
+from modus_mega.losses import modus_loss, serial_cross_entropy
 from tests.distributed.helpers import run_distributed
 from tests.model.helpers import step_inputs
 
