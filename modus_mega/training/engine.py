@@ -9,9 +9,9 @@ DeepSpeed config generated from ours (``deepspeed_config``: one source of truth,
 hand-written JSON), the training step for the layout (``training/step.py``: the one place
 that picks eager or pipeline) with the compute dtype of ``training.precision``
 (``parallel/fp8.py``'s ``compute_dtype``, decided here once: the inputs' cast, DeepSpeed's
-bf16 switch and who clips follow from it) and the forward's FP8 context, and last the EMA (``parallel/ema.py``) over the optimizer's
-fp32 partition of the weights. The result, ``TrainEngine``, is the same object at every
-layout.
+bf16 switch and who clips follow from it) and the forward's FP8 context, and last the EMA
+(``parallel/ema.py``) over the optimizer's fp32 partition of the weights. The result,
+``TrainEngine``, is the same object at every layout.
 """
 
 from __future__ import annotations

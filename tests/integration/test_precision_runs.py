@@ -1,5 +1,8 @@
 """``training.precision`` through whole runs on CPU: bf16 tracks fp32, FP8 tracks bf16, and a run changes precision on resume.
 
+A run resumes between bf16 and FP8 freely; between fp32 and the two it is refused with the fix
+(DeepSpeed's bf16 optimizer saves its state in another form, ``training/checkpoint.py``).
+
 Runs go through ``training.loop.train`` in-process (the launcher's body) on configs/tiny.json
 at a 256-token budget with a constant learning rate after warm-up, so a run's first k steps
 do not depend on ``training.steps`` and a run cut in legs follows the same schedule.
@@ -80,7 +83,8 @@ def _assert_tracks(got: dict[int, float], reference: dict[int, float], rtol: flo
         span = steps[start : start + window]
         mean, want = (sum(losses[s] for s in span) / window for losses in (got, reference))
         error = abs(mean - want) / want
-        assert error <= rtol, f"{what}: steps {span[0]}-{span[-1]} mean loss {mean:.5f} vs {want:.5f}, relative {error:.4f} > {rtol}"
+        where = f"{what}: steps {span[0]}-{span[-1]} mean loss {mean:.5f} vs {want:.5f}"
+        assert error <= rtol, f"{where}, relative {error:.4f} > {rtol}"
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +137,12 @@ def test_fp8_at_tp2_tracks_tp1(curves: dict[str, dict[int, float]], tmp_path: Pa
     tp2 = {record["step"]: record["loss"] for record in read_jsonl(tmp_path / "metrics.jsonl")}
     assert sorted(tp2) == list(range(TP2_STEPS))
     _assert_tracks(tp2, curves["fp8"], TP2_RTOL, "fp8 at tp = 2 vs tp = 1", window=1)
+
+
+def test_fp32_checkpoint_refuses_a_bf16_resume_naming_the_fix(tmp_path: Path) -> None:
+    """DeepSpeed's optimizer state has another form with bf16 on: the resume says so before DeepSpeed fails."""
+    from tests.conftest import _TINY
+
+    _train(_configure(_TINY, tmp_path, "fp32", 1))
+    with pytest.raises(ValueError, match="bf16 optimizer off and this run has it on.*training.precision=fp32"):
+        _train(_configure(_TINY, tmp_path, "fp8", 2))
