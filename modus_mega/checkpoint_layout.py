@@ -6,7 +6,7 @@ and resumes them, ``training/checkpoint.py``) and conversion (which reads them,
 other. Layout under ``<run_dir>/checkpoints/``::
 
     step_00000040/               one tag per save (DeepSpeed's files: model and optimizer shards)
-        trainer_state.json       the step, the skipped-step counters and the resolved config
+        trainer_state.json       the step, the skipped-step counters, deepspeed_bf16 and the resolved config
         extras/rank_00000.pt     per rank: RNG states, the loader's state, this rank's EMA pieces
         universal/               optional: the tag as full tensors, for another layout (convert/universal.py)
     latest                       the tag to resume from

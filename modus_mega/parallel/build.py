@@ -8,9 +8,10 @@
    then allocated (pp > 1, ``parallel/pipeline.py``);
 2. tensor-parallel linears: the gradient hooks of the replicated weights that see partial
    sums (``apply_tensor_parallel``; the sharded linears themselves came from step 1);
-3. [FP8: ``apply_float8`` from ``parallel/fp8.py`` goes here, once built: after the linears
-   exist and are sharded, before initialisation, which fills whatever modules hold the
-   weights by name];
+3. FP8 (``training.precision = "fp8"``): the MoT linears compute in FP8 (``apply_float8``,
+   ``parallel/fp8.py``): after the linears exist and are sharded (a tensorwise scale reduces
+   its amax over the tp group), before initialisation, which fills the same parameters by
+   name (the linears are re-classed in place, so names and parameters do not change);
 4. initialise every parameter by its global name (``model/init.py``), so the full weights
    do not depend on the layout;
 5. freeze (``model.llm.freeze_1d_expert``);
@@ -19,7 +20,7 @@
 7. [compile: goes here, last, over the finished modules].
 
 Every step after the first takes the module this rank trains: the whole model, or its
-stage. Steps 2, 4, 5 and 6 draw no random numbers from the global generator (step 4 seeds
+stage. Steps 2 to 6 draw no random numbers from the global generator (step 4 seeds
 its own per name), so their order is free of RNG effects; step 1 builds the same modules
 in the same order on every path. Starting from BAGEL (``convert/run_init.py``) and
 ``deepspeed.initialize`` follow, in ``training/engine.py``.
@@ -37,6 +38,7 @@ from modus_mega.model.layers import LinearFactory
 from modus_mega.model.modus import ModusModel, decoder_layers
 from modus_mega.ops.attention import get_attention_backend
 from modus_mega.parallel.context import ParallelContext
+from modus_mega.parallel.fp8 import apply_float8
 from modus_mega.parallel.pipeline import ModusPipeline, build_pipeline
 from modus_mega.parallel.recompute import apply_activation_checkpointing
 from modus_mega.parallel.te import build_te_linears
@@ -57,7 +59,7 @@ def build_model(cfg: ModusConfig, ctx: ParallelContext, loss_fn: MicroBatchLoss 
         model = ModusModel(cfg.model, linears, attention).to(ctx.device)
     trained = trained_module(model)
     apply_tensor_parallel(trained, ctx)
-    # apply_float8(trained, ...) slots in here (parallel/fp8.py).
+    apply_float8(trained, cfg.training, ctx)
     zero_init = ("llm2vae",) if cfg.model.zero_init_llm2vae else ()
     init_weights(trained, cfg.training.seed, cfg.model.llm.init_std, zero_init=zero_init, **init_hooks(ctx))
     if cfg.model.llm.freeze_1d_expert:

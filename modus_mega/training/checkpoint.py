@@ -24,6 +24,11 @@ the data); the noise of each micro-batch is seeded by its place in the run. Toge
 the restored optimizer state this makes a resumed CPU run reproduce the uninterrupted
 losses exactly.
 
+Resuming in another precision: the weights and their keys are the same at every
+``training.precision``, but DeepSpeed keeps the optimizer in its bf16 wrapper when ``bf16``
+is on and saves that wrapper's state, so a tag records ``deepspeed_bf16`` and a same-layout
+resume across fp32 and bf16/fp8 is refused with the fix; bf16 and fp8 resume into each other.
+
 Resuming at another layout. A tag's files are shards of one (tp, pp, dp, ZeRO stage)
 layout (``Layout``; dp is the number of extras files over tp * pp). ``load_checkpoint``
 compares it with the running one: the same layout loads DeepSpeed's files directly; any
@@ -86,6 +91,8 @@ from modus_mega.training.engine import TrainEngine
 
 logger = logging.getLogger(__name__)
 
+BF16_OPTIMIZER = "deepspeed_bf16"  # trainer_state.json: whether DeepSpeed's bf16 optimizer saved the tag
+
 
 @dataclass
 class TrainerState:
@@ -112,7 +119,8 @@ def save_checkpoint(
         extras["ema"] = engine.ema.state_dict()
     _atomic_torch_save(extras, extras_file(tag_dir, ctx.rank))
     if ctx.is_main:
-        record = {**dataclasses.asdict(state), "config": config_to_dict(cfg)}
+        bf16 = engine.engine.bfloat16_enabled()
+        record = {**dataclasses.asdict(state), BF16_OPTIMIZER: bf16, "config": config_to_dict(cfg)}
         atomic_write_text(tag_dir / TRAINER_STATE, json.dumps(record, indent=2) + "\n")
     ctx.barrier()  # every rank's shards are on disk before the manifest and the pointer
     required = [TRAINER_STATE] + [extras_file(tag_dir, r).relative_to(tag_dir).as_posix() for r in range(ctx.world_size)]
@@ -150,6 +158,7 @@ def load_checkpoint(
     saved = saved_layout(tag_dir)
     current = Layout(ctx.tp, ctx.pp, ctx.dp, engine.engine.zero_optimization_stage())
     if saved == current:
+        _check_optimizer_precision(engine, tag_dir)
         extras = _load_same_layout(engine, root, tag, ctx.rank)
     else:
         extras = _load_other_layout(engine, tag_dir, saved, current, ctx)
@@ -157,6 +166,26 @@ def load_checkpoint(
     _set_rng_state(extras["rng"])
     record = json.loads((tag_dir / TRAINER_STATE).read_text())
     return TrainerState(**{f.name: record[f.name] for f in dataclasses.fields(TrainerState)})
+
+
+def _check_optimizer_precision(engine: TrainEngine, tag_dir: Path) -> None:
+    """Raise ``ValueError`` when the tag's DeepSpeed optimizer state has another form than this run's.
+
+    The weights are the same at every precision, but DeepSpeed wraps the optimizer in its bf16
+    optimizer when ``bf16`` is on (``training.precision`` bf16 or fp8, or auto on a GPU) and
+    saves that wrapper's state, which the fp32 form cannot load (and vice versa). bf16 and fp8
+    share the form, so a run moves between them freely. Tags saved before the field: unchecked.
+    """
+    saved = json.loads((tag_dir / TRAINER_STATE).read_text()).get(BF16_OPTIMIZER)
+    running = engine.engine.bfloat16_enabled()
+    if saved is None or saved == running:
+        return
+    resume_with = "training.precision=bf16 or fp8" if saved else "training.precision=fp32"
+    raise ValueError(
+        f"{tag_dir} was saved with DeepSpeed's bf16 optimizer {'on' if saved else 'off'} and this run has it "
+        f"{'on' if running else 'off'} (on for training.precision bf16 and fp8, and auto on a GPU): the optimizer "
+        f"state differs in form; resume with {resume_with}, or set training.resume=false to start over"
+    )
 
 
 def _load_same_layout(engine: TrainEngine, root: Path, tag: str, rank: int) -> dict[str, Any]:

@@ -7,15 +7,18 @@ BAGEL (``convert/run_init.py``, before DeepSpeed copies the weights into its par
 ``deepspeed.initialize`` with our AdamW (skippable: ``training/failures.py``) and a
 DeepSpeed config generated from ours (``deepspeed_config``: one source of truth, never a
 hand-written JSON), the training step for the layout (``training/step.py``: the one place
-that picks eager or pipeline), and last the EMA (``parallel/ema.py``) over the optimizer's
-fp32 partition of the weights. The result, ``TrainEngine``, is the same object at every
-layout.
+that picks eager or pipeline) with the compute dtype of ``training.precision``
+(``parallel/fp8.py``'s ``compute_dtype``, decided here once: the inputs' cast, DeepSpeed's
+bf16 switch and who clips follow from it) and the forward's FP8 context, and last the EMA
+(``parallel/ema.py``) over the optimizer's fp32 partition of the weights. The result,
+``TrainEngine``, is the same object at every layout.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import deepspeed
@@ -29,6 +32,7 @@ from modus_mega.model.modus import ModusModel
 from modus_mega.parallel.build import build_model, build_vae
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.ema import EmaWeights
+from modus_mega.parallel.fp8 import compute_dtype, float8_autocast
 from modus_mega.parallel.pipeline import ModusPipeline
 from modus_mega.parallel.tensor_parallel import cross_entropy_fn
 from modus_mega.training.failures import NonFiniteGuard, SkippableAdamW, StepGate, StepHealth
@@ -55,7 +59,7 @@ def deepspeed_config(cfg: ModusConfig, ctx: ParallelContext) -> dict[str, Any]:
         # Megatron-GPT's activation tuple.
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
         "zero_allow_untested_optimizer": True,  # our torch.optim.AdamW
-        "bf16": {"enabled": ctx.device.type == "cuda"},
+        "bf16": {"enabled": _compute_dtype(cfg, ctx) == torch.bfloat16},  # DeepSpeed keeps fp32 master weights
         "steps_per_print": 1 << 30,  # the training loop logs
         "wall_clock_breakdown": False,
     }
@@ -63,7 +67,12 @@ def deepspeed_config(cfg: ModusConfig, ctx: ParallelContext) -> dict[str, Any]:
 
 def _clips_itself(cfg: ModusConfig, ctx: ParallelContext) -> bool:
     """Whether our step clips (fp32 without ZeRO: DeepSpeed's clip there keeps no norm)."""
-    return cfg.parallel.zero_stage == 0 and ctx.device.type != "cuda"
+    return cfg.parallel.zero_stage == 0 and _compute_dtype(cfg, ctx) == torch.float32
+
+
+def _compute_dtype(cfg: ModusConfig, ctx: ParallelContext) -> torch.dtype:
+    """The dtype the model computes in on this run's device (``training.precision``, ``parallel/fp8.py``)."""
+    return compute_dtype(cfg.training.precision, ctx.device)
 
 
 @dataclass
@@ -133,12 +142,13 @@ def build_engine(cfg: ModusConfig, ctx: ParallelContext) -> TrainEngine:
     guard.watch(params)
     gate = StepGate(guard, optimizer)  # the first pre-step hook: the verdict precedes the pipeline's clipping
     own_clip = (optim.grad_clip or math.inf) if _clips_itself(cfg, ctx) else None
-    compute_dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    dtype = _compute_dtype(cfg, ctx)
+    autocast = partial(float8_autocast, cfg.training, cfg.parallel.tp_backend, ctx)  # TE's FP8 (te backend) or nothing
     step: TrainStep
     if ctx.pp > 1:
-        step = PipelineStep(engine, loss, compute_dtype, own_clip, optimizer, ctx)
+        step = PipelineStep(engine, loss, dtype, own_clip, optimizer, ctx, autocast)
     else:
-        step = EagerStep(engine, loss, compute_dtype, own_clip, mpu)
+        step = EagerStep(engine, loss, dtype, own_clip, mpu, autocast)
     return TrainEngine(
         engine=engine,
         optimizer=optimizer,

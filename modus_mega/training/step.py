@@ -14,8 +14,11 @@ happen inside. ``training/engine.py`` picks the implementation once, from the la
   are broadcast from the last stage so every stage returns them.
 
 Written once here for both: the loss of a micro-batch (``StepLoss``: ``modus_loss`` over
-the global counts, seen by the non-finite guard, scaled for DeepSpeed) and the cast of the
-inputs to the compute dtype (``ModelInputs.in_compute_dtype``, on a copy).
+the global counts, seen by the non-finite guard, scaled for DeepSpeed), the cast of the
+inputs to the compute dtype (``ModelInputs.in_compute_dtype``, on a copy), and the context
+the forward runs in (``autocast``: Transformer Engine's FP8 autocast on the ``te`` backend,
+``parallel/fp8.py``; the pipeline engine runs its forwards inside ``train_batch``, so there
+it encloses the whole step).
 
 Loss scaling contract with DeepSpeed: the loss is a SUM over this rank's target tokens
 divided by the GLOBAL target-token count (``modus_mega/losses.py``), so the gradient the
@@ -28,8 +31,9 @@ so there the scale is also times ``grad_accum_steps``.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import deepspeed
 import torch
@@ -116,18 +120,21 @@ class EagerStep:
         compute_dtype: torch.dtype,
         own_clip: float | None,
         mpu: Any,  # ParallelContext.deepspeed_mpu(): counts tp shards once in the norm
+        autocast: Callable[[], AbstractContextManager] = nullcontext,  # a fresh context for each forward
     ) -> None:
         self.engine = engine
         self.loss = loss
         self.compute_dtype = compute_dtype
         self.own_clip = own_clip
         self.mpu = mpu
+        self.autocast = autocast
         self._grad_norm = math.nan
 
     def __call__(self, micro_batches: list[StepInputs], global_counts: tuple[int, int]) -> Tensor:
         self.loss.begin_step(global_counts)
         for micro in micro_batches:
-            logits, velocity = self.engine(micro.model.in_compute_dtype(self.compute_dtype), micro.ce_index, micro.mse_index)
+            with self.autocast():
+                logits, velocity = self.engine(micro.model.in_compute_dtype(self.compute_dtype), micro.ce_index, micro.mse_index)
             loss = self.loss(logits, velocity, micro)
             del logits, velocity  # not alive through the next micro-batch's forward
             self.engine.backward(loss, scale_wrt_gas=False)
@@ -160,11 +167,13 @@ class PipelineStep:
         own_clip: float | None,
         optimizer: torch.optim.Optimizer,
         ctx: ParallelContext,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,  # a fresh context for each step
     ) -> None:
         self.engine = engine
         self.loss = loss
         self.compute_dtype = compute_dtype
         self.ctx = ctx
+        self.autocast = autocast
         self.clipper: GradClipper | None = None
         if own_clip is not None:
             self.clipper = GradClipper([p for group in optimizer.param_groups for p in group["params"]], own_clip, ctx)
@@ -177,7 +186,8 @@ class PipelineStep:
         self._check_shapes(micro_batches)
         self.loss.begin_step(global_counts)
         loaded = [stage_micro_batch(self._in_compute_dtype(micro)) for micro in micro_batches]
-        self.engine.train_batch(iter(loaded))
+        with self.autocast():
+            self.engine.train_batch(iter(loaded))
         sums = self.loss.step_sums(self.ctx.device)  # computed on the last stage
         dist.broadcast(sums, src=self._last_stage_rank, group=self.ctx.pp_group)
         return sums.cpu()

@@ -13,6 +13,7 @@ from torch import nn
 from modus_mega.config import ModusConfig, config_from_dict, config_to_dict
 from modus_mega.model.init import init_weights
 from modus_mega.model.modus import ModusModel
+from modus_mega.parallel.build import build_model
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.fp8 import FLOAT8_LINEARS, apply_float8, compute_dtype, float8_autocast
 from modus_mega.parallel.fp8_torchao import Float8Linear
@@ -142,3 +143,16 @@ def test_low_precision_runs_on_cpu_near_fp32(precision: str, tiny_config: ModusC
 def test_float8_autocast_is_a_no_op_off_te(tiny_config: ModusConfig, ctx: ParallelContext) -> None:
     tiny_config.training.precision = "fp8"
     assert isinstance(float8_autocast(tiny_config.training, "local", ctx), contextlib.nullcontext)
+
+
+def test_build_model_converts_before_init(tiny_config: ModusConfig, ctx: ParallelContext) -> None:
+    """``build_model`` in FP8: the MoT linears compute in FP8 and init-by-name filled them as in the default build."""
+    plain = build_model(tiny_config, ctx)
+    tiny_config.training.precision = "fp8"
+    fp8 = build_model(tiny_config, ctx)
+    converted = {n for n, m in fp8.named_modules() if isinstance(m, Float8Linear)}
+    assert len(converted) == tiny_config.model.llm.num_layers * 2 * len(FLOAT8_LINEARS)
+    want = plain.state_dict()
+    for name, tensor in fp8.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
+    assert list(want) == list(fp8.state_dict())
