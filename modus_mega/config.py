@@ -130,6 +130,7 @@ class DataConfig:
 
     source: Literal["procedural", "shards"] = "procedural"  # in-memory procedural scenes, or webdataset shards
     shards: str = ""  # source=shards: directory holding index.json and the *.tar shards (docs/DATA.md)
+    val_shards: str = ""  # held-out shard directory for the validation loss (training.eval_every); "" = no validation
     text_tokenizer: str = ""  # source=shards: directory of the Hugging Face caption tokenizer
     vq_dir: str = ""  # source=shards: directory of trained feature codebooks ("" = no feature modalities)
     num_workers: int = 0  # loader worker processes per rank (0: load in the training process)
@@ -193,6 +194,8 @@ class TrainingConfig:
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 1  # steps between log lines
+    eval_every: int = 0  # steps between validation losses on data.val_shards (and one at the end); 0 = never
+    eval_batches: int = 1  # micro-batches read from each held-out shard per validation (training/validation.py)
     checkpoint_every: int = 0  # steps between checkpoints in run_dir/checkpoints; 0: only at the end and on SIGTERM/SIGUSR1
     resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
     run_dir: str = "runs/default"  # outputs: resolved config, metrics.jsonl, loss curve
@@ -458,6 +461,8 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("data.target_weights", "must give at least one modality a positive weight")
     if data.source == "shards" and not (data.shards and data.text_tokenizer):
         fail("data.shards", "source=shards needs data.shards (a shard directory) and data.text_tokenizer")
+    if data.val_shards and not data.text_tokenizer:
+        fail("data.val_shards", "held-out shards are tokenized like training shards: set data.text_tokenizer too")
     if not 0.0 <= data.condition_dropout <= 1.0:
         fail("data.condition_dropout", "must lie in [0, 1]")
     if not 0.0 < data.augment.crop_min_side <= 1.0:
@@ -495,6 +500,12 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("training.fp8.emulate", "is torchao's option; Transformer Engine (parallel.tp_backend=te) has no emulated FP8: set it false")
     if training.peak_tflops < 0:
         fail("training.peak_tflops", "must be 0 (no MFU) or the accelerator's peak TFLOP/s, e.g. 989 for an H100 SXM at bf16")
+    if training.eval_every < 0:
+        fail("training.eval_every", "must be 0 (no validation) or a positive step count")
+    if training.eval_every > 0 and not data.val_shards:
+        fail("training.eval_every", f"{training.eval_every} needs held-out data: set data.val_shards (python -m modus_mega.data.synth --split val writes some)")
+    if training.eval_batches < 1:
+        fail("training.eval_batches", "must be at least 1 (micro-batches read from each held-out shard per validation)")
     if config.training.checkpoint_every < 0:
         fail("training.checkpoint_every", "must be 0 (no periodic checkpoints) or a positive step count")
     if config.training.grad_accum_steps < 1:
