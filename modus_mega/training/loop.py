@@ -58,7 +58,8 @@ class RunResult:
     run_dir: Path
     metrics_path: Path
     curve_path: Path
-    records: list[dict]
+    records: list[dict]  # the training steps' records
+    validation: list[dict]  # the validation records (``val/...``; training.eval_every)
     resumed_from: int  # optimizer step the run started at (0: fresh)
     preempted: bool  # stopped early on SIGTERM / SIGUSR1 after checkpointing
 
@@ -163,7 +164,11 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
     curve_path = run_dir / "loss_curves.png"
     if ctx.is_main and records:
         plot_loss_curves(records, curve_path)
-    return RunResult(run_dir, metrics_path, curve_path, records, resumed_from=resumed_from, preempted=preempted)
+    validation_records = [r for r in records if is_validation_record(r)]
+    step_records = [r for r in records if not is_validation_record(r)]
+    return RunResult(
+        run_dir, metrics_path, curve_path, step_records, validation_records, resumed_from=resumed_from, preempted=preempted
+    )
 
 
 def _step_record(
