@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,10 @@ def test_validation_is_the_training_loss_without_the_update(tiny_config: ModusCo
 
         evaluated = engine.evaluate(micro, counts)
         assert all(torch.equal(p, before[n]) for n, p in engine.model.named_parameters())
-        assert engine.gate.end_step().ok  # the evaluation gave the non-finite guard nothing to judge
+        with_mse = next(m for m in micro if m.mse_index.numel())
+        poisoned = replace(with_mse, velocity_target=torch.full_like(with_mse.velocity_target, float("nan")))
+        assert engine.evaluate([poisoned], counts)[0].isnan()
+        assert engine.gate.end_step().ok  # a non-finite validation loss is no verdict on a training step
         again = engine.evaluate(validation.micro_batches(engine), counts)  # rebuilt readers, same noise
         assert torch.equal(again, evaluated)
 
