@@ -503,7 +503,11 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
     if training.eval_every < 0:
         fail("training.eval_every", "must be 0 (no validation) or a positive step count")
     if training.eval_every > 0 and not data.val_shards:
-        fail("training.eval_every", f"{training.eval_every} needs held-out data: set data.val_shards (python -m modus_mega.data.synth --split val writes some)")
+        fail(
+            "training.eval_every",
+            f"{training.eval_every} needs held-out data: set data.val_shards (python -m modus_mega.data.synth "
+            "--split val writes some) or set training.eval_every=0",
+        )
     if training.eval_batches < 1:
         fail("training.eval_batches", "must be at least 1 (micro-batches read from each held-out shard per validation)")
     if config.training.checkpoint_every < 0:

@@ -5,10 +5,10 @@ target tokens (all-reduced over dp), run the step (``TrainEngine.train_step``: f
 loss, backward, clipping and the optimizer step, whatever the layout), log; every
 ``training.eval_every`` steps and at the end, the validation loss on the held-out shards
 (``training/validation.py``: its own record in the log, ``val/...``, before the checkpoint);
-checkpoint every ``training.checkpoint_every`` steps, at the
-end, and when SIGTERM / SIGUSR1 arrives on any rank (then stop). A step whose loss or
-gradient is non-finite is skipped and counted (``training/failures.py``); a rank that dies
-or hangs ends the job with that rank named (``parallel/watchdog.py``).
+checkpoint every ``training.checkpoint_every`` steps, at the end, and when SIGTERM / SIGUSR1
+arrives on any rank (then stop). A step whose loss or gradient is non-finite is skipped and
+counted (``training/failures.py``); a rank that dies or hangs ends the job with that rank
+named (``parallel/watchdog.py``).
 
 Each data-parallel rank reads its own disjoint part of the data (``PackedLoader`` with
 this rank's dp coordinates); the tp ranks of one dp group build the same micro-batches,
