@@ -53,6 +53,8 @@ def _run(argv: list[str]) -> None:
     if ctx.is_main:
         status = "preempted, checkpointed" if result.preempted else "done"
         last = f"last loss {result.records[-1]['loss']:.4f}" if result.records else "nothing logged"
+        if result.validation:
+            last += f", last validation loss {result.validation[-1]['val/loss']:.4f} (step {result.validation[-1]['step']})"
         print(f"{status}: {len(result.records)} log records, {last}")
         print(f"outputs in {result.run_dir}/: config.json, {result.metrics_path.name}, {result.curve_path.name}, checkpoints/")
 

@@ -131,6 +131,7 @@ class DataConfig:
 
     source: Literal["procedural", "shards"] = "procedural"  # in-memory procedural scenes, or webdataset shards
     shards: str = ""  # source=shards: directory holding index.json and the *.tar shards (docs/DATA.md)
+    val_shards: str = ""  # held-out shard directory for the validation loss (training.eval_every); "" = no validation
     text_tokenizer: str = ""  # source=shards: directory of the Hugging Face caption tokenizer
     vq_dir: str = ""  # source=shards: directory of trained feature codebooks ("" = no feature modalities)
     num_workers: int = 0  # loader worker processes per rank (0: load in the training process)
@@ -196,6 +197,8 @@ class TrainingConfig:
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 1  # steps between log lines
+    eval_every: int = 0  # steps between validation losses on data.val_shards (and one at the end); 0 = never
+    eval_batches: int = 1  # micro-batches read from each held-out shard per validation (training/validation.py)
     checkpoint_every: int = 0  # steps between checkpoints in run_dir/checkpoints; 0: only at the end and on SIGTERM/SIGUSR1
     sample_every: int = 0  # >= 0 steps between held-out samples (run_dir/samples/step_*.png, wandb; tp = pp = 1); 0: off
     resume: Literal[True, False, "fallback"] = True  # continue from run_dir/checkpoints/latest when it exists; "fallback": from the newest complete tag when latest's is damaged
@@ -501,6 +504,8 @@ FIELD_RANGES: dict[str, Range] = {
     "training.peak_tflops": _NON_NEGATIVE,
     "training.keep_last": _NON_NEGATIVE,
     "training.sample_every": _NON_NEGATIVE,
+    "training.eval_every": _NON_NEGATIVE,
+    "training.eval_batches": _POSITIVE_INT,
     "training.keep_every": _NON_NEGATIVE,
     "training.fp8.amax_history_len": _POSITIVE_INT,
     "parallel.tp": _POSITIVE_INT,
@@ -639,6 +644,8 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
         fail("data.target_weights", "must give at least one modality a positive weight")
     if data.source == "shards" and not (data.shards and data.text_tokenizer):
         fail("data.shards", "source=shards needs data.shards (a shard directory) and data.text_tokenizer")
+    if data.val_shards and not data.text_tokenizer:
+        fail("data.val_shards", "held-out shards are tokenized like training shards: set data.text_tokenizer too")
     if config.data.image_size % (config.model.vae.downsample * config.model.latent_patch_size):
         fail("data.image_size", "must be a multiple of the VAE downsampling times latent_patch_size")
     bagel_dir = config.init.bagel_dir
@@ -663,3 +670,9 @@ def validate(config: ModusConfig, source: str = "<config>") -> None:
     optim = config.training.optim
     if optim.min_lr > optim.lr:
         fail("training.optim.min_lr", f"{optim.min_lr} exceeds training.optim.lr={optim.lr}; the floor must not exceed the peak")
+    if training.eval_every > 0 and not data.val_shards:
+        fail(
+            "training.eval_every",
+            f"{training.eval_every} needs held-out data: set data.val_shards (python -m modus_mega.datasets.synth "
+            "--split val writes some) or set training.eval_every=0",
+        )

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modus_mega.modalities import NUM_MODALITIES
+from modus_mega.modalities import MODALITY_NAMES, NUM_MODALITIES
 
 # (logits [N, V], labels [N]) -> per-token loss [N]; the vocab-parallel version lives in parallel/.
 CrossEntropyFn = Callable[[Tensor, Tensor], Tensor]
@@ -104,3 +104,18 @@ def loss_sums(terms: LossBreakdown) -> Tensor:
     """One micro-batch's terms as [NUM_LOSS_SUMS] float64, the vector the loop sums over micro-batches and dp."""
     head = torch.stack([terms.loss.detach(), terms.ce_sum, terms.mse_sum]).double()
     return torch.cat([head, terms.modality_sum.double(), terms.modality_count.double()])
+
+
+def loss_means(totals: list[float], global_num_ce: float, global_num_mse: float) -> dict[str, float]:
+    """The logged losses of ``loss_sums`` summed over a batch (micro-batches, dp ranks): the inverse of its layout.
+
+    ``loss`` (the objective, already normalised by the global counts), mean ``ce`` and
+    ``mse`` per target token, and ``loss/<modality>`` for each target modality present.
+    """
+    from_modalities = 3 + NUM_MODALITIES
+    loss, ce_sum, mse_sum = totals[:3]
+    means = {"loss": loss, "ce": ce_sum / max(global_num_ce, 1), "mse": mse_sum / max(global_num_mse, 1)}
+    for name, total, count in zip(MODALITY_NAMES, totals[3:from_modalities], totals[from_modalities:]):
+        if count:
+            means[f"loss/{name}"] = total / count
+    return means

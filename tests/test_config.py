@@ -75,6 +75,10 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         (lambda r: r["data"].update(condition_mode_2d="pixels"), "data.condition_mode_2d"),
         (lambda r: r["data"].update(target_weights={"rgbd": 1.0}), "unknown modality 'rgbd'"),
         (lambda r: r["data"].update(target_weights={"rgb": 0.0}), "at least one modality a positive weight"),
+        (lambda r: r["training"].update(eval_every=-1), "training.eval_every: must be 0"),
+        (lambda r: r["training"].update(eval_every=10), "set data.val_shards"),
+        (lambda r: r["training"].update(eval_batches=0), "training.eval_batches"),
+        (lambda r: r["data"].update(val_shards="held_out"), "data.val_shards"),
     ],
 )
 def test_errors_name_the_key_and_the_file(tmp_path: Path, edit, message: str) -> None:
@@ -128,14 +132,15 @@ def test_base_chain_merges_objects_and_replaces_the_rest(tmp_path: Path) -> None
 def test_tiny_shards_resolves_to_its_full_form() -> None:
     """configs/tiny_shards.json = tiny.json + its data section, with the target order it always had."""
     raw = tiny_raw()
-    raw["data"].update(source="shards", shards="runs/demo/data", text_tokenizer="runs/demo/text_tokenizer",
-                       vq_dir="runs/demo/vq", num_workers=1, max_conditions=3)  # fmt: skip
+    raw["data"].update(source="shards", shards="runs/demo/data", val_shards="runs/demo/val",
+                       text_tokenizer="runs/demo/text_tokenizer", vq_dir="runs/demo/vq", num_workers=1,
+                       max_conditions=3)  # fmt: skip
     raw["data"]["target_weights"] = {
         name: 1.0
         for name in ["rgb", "depth", "normal", "seg", "sam_seg", "canny", "sam_edge", "caption", "detection", "grounding",
                      "dinov2_global", "dinov2_local", "clip_global", "imagebind_global", "imagebind_local"]
     }  # fmt: skip
-    raw["training"]["run_dir"] = "runs/demo"
+    raw["training"].update(run_dir="runs/demo", eval_every=50)
     resolved = config_to_dict(load_config(REPO / "configs" / "tiny_shards.json"))
     assert json.dumps(resolved) == json.dumps(config_to_dict(config_from_dict(raw)))
 

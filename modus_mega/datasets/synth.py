@@ -10,7 +10,8 @@ derived from those: Canny of the RGB (OpenCV), SAM-style edges (instance boundar
 of the visible instance masks with their class names, captions and referring expressions
 from the scene graph ("a red sphere left of a blue cube"), and features from a documented
 deterministic stand-in encoder (``StandInEncoder``). Sample ``i`` depends only on
-``(seed, i)``, so any shard layout or worker count yields the same data.
+``(seed, split, i)``, so any shard layout or worker count yields the same data; the held-out
+split (``--split val``) draws its scenes from keys the training split never uses.
 
 Conventions (``docs/DATA.md``): world y up, ground plane y = 0; camera frame for rays x right,
 y down, z forward (OpenCV); normals stored in the camera frame x right, y up, z towards the
@@ -31,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
 import cv2
 import numpy as np
@@ -552,20 +553,35 @@ class StandInEncoder:
 # ----------------------------------------------------------------------------- samples and shards
 
 
+# The dataset splits, in the order of their number in ``scene_key``.
+SPLITS = ("train", "val")
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """Everything that determines the generated data."""
 
     image_size: int = 64  # side of the square images, pixels
-    seed: int = 0  # sample i depends only on (seed, i)
+    seed: int = 0  # sample i depends only on (seed, split, i)
+    split: Literal["train", "val"] = "train"  # val: a held-out split whose scene keys never meet train's (scene_key)
     feature_dim: int = 64  # width D of every stand-in feature
     feature_grid: int = 8  # local features are [feature_grid, feature_grid, D]
     rgb_format: str = "jpg"  # how rgb is stored: jpg (quality 95) or png (lossless)
 
 
+def scene_key(index: int, config: SynthConfig) -> list[int]:
+    """The entropy of sample ``index``'s random stream: ``[seed, index, split number]``.
+
+    The split number (train 0, val 1) makes every held-out key differ from every training
+    key of the same seed; numpy pads a key with zeros, so train's keys are the ``[seed,
+    index]`` they always were and existing datasets are unchanged.
+    """
+    return [config.seed, index, SPLITS.index(config.split)]
+
+
 def generate_sample(index: int, config: SynthConfig, encoders: Sequence[StandInEncoder] | None = None) -> tuple[Scene, Rendering, dict[str, Payload]]:
     """Scene, rendering and all decoded modality values (``RawSample`` types) of sample ``index``."""
-    rng = np.random.default_rng([config.seed, index])
+    rng = np.random.default_rng(scene_key(index, config))
     scene = sample_scene(rng, config.image_size, config.image_size)
     rendering = render_scene(scene)
     captions, detections, groundings = describe(scene, rendering, rng)
@@ -679,7 +695,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, required=True, help="number of samples to generate")
     parser.add_argument("--image-size", type=int, default=512, help="side of the square images in pixels (default 512)")
     parser.add_argument("--samples-per-shard", type=int, default=256, help="samples per .tar shard (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed; sample i depends only on (seed, i)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed; sample i depends only on (seed, split, i)")
+    parser.add_argument(
+        "--split", choices=SPLITS, default="train", help="val: a held-out split, scenes disjoint from train's (default train)"
+    )
     parser.add_argument("--feature-dim", type=int, default=64, help="width of the stand-in features (default 64)")
     parser.add_argument("--feature-grid", type=int, default=8, help="local features are GRID x GRID x DIM (default 8)")
     parser.add_argument("--rgb-format", choices=("jpg", "png"), default="jpg", help="storage of rgb (default jpg)")
@@ -689,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = SynthConfig(
         image_size=args.image_size,
         seed=args.seed,
+        split=args.split,
         feature_dim=args.feature_dim,
         feature_grid=args.feature_grid,
         rgb_format=args.rgb_format,

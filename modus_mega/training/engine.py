@@ -108,6 +108,15 @@ class TrainEngine:
             self.ema.update()
         return sums
 
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[StepInputs], global_counts: tuple[int, int]) -> torch.Tensor:
+        """This dp rank's loss sums [NUM_LOSS_SUMS] float64 of ``micro_batches``, without gradient or update.
+
+        The validation loss (``training/validation.py``): the training objective's sums,
+        normalised by ``global_counts`` (the held-out set's (CE, MSE) target tokens).
+        """
+        return self.step.evaluate(micro_batches, global_counts)
+
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group for the next optimizer step."""
         for group in self.optimizer.param_groups:

@@ -2,10 +2,13 @@
 
 A step reads top to bottom: take this rank's micro-batches, count the global batch's
 target tokens (all-reduced over dp), run the step (``TrainEngine.train_step``: forward,
-loss, backward, clipping and the optimizer step, whatever the layout), log; checkpoint every ``training.checkpoint_every`` steps, at the
-end, and when SIGTERM / SIGUSR1 arrives on any rank (then stop). A step whose loss or
-gradient is non-finite is skipped and counted (``training/failures.py``); a rank that dies
-or hangs ends the job with that rank named (``parallel/watchdog.py``).
+loss, backward, clipping and the optimizer step, whatever the layout), log; every
+``training.eval_every`` steps and at the end, the validation loss on the held-out shards
+(``training/validation.py``: its own record in the log, ``val/...``, before the checkpoint);
+checkpoint every ``training.checkpoint_every`` steps, at the end, and when SIGTERM / SIGUSR1
+arrives on any rank (then stop). A step whose loss or gradient is non-finite is skipped and
+counted (``training/failures.py``); a rank that dies or hangs ends the job with that rank
+named (``parallel/watchdog.py``).
 
 Each data-parallel rank reads its own disjoint part of the data (``PackedLoader`` with
 this rank's dp coordinates); the tp ranks of one dp group build the same micro-batches,
@@ -29,20 +32,21 @@ from modus_mega.checkpoint_layout import checkpoint_root
 from modus_mega.config import ModusConfig, save_config
 from modus_mega.data.loader import PackedLoader
 from modus_mega.data.packing import TOO_LONG
-from modus_mega.losses import NUM_LOSS_SUMS
-from modus_mega.modalities.faults import SkipReason
+from modus_mega.losses import NUM_LOSS_SUMS, loss_means
 from modus_mega.modalities import MODALITY_NAMES
+from modus_mega.modalities.faults import SkipReason
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.watchdog import Watchdog
 from modus_mega.seeding import derive_seed
 from modus_mega.training.checkpoint import PreemptionSignal, TrainerState, load_checkpoint, save_checkpoint
 from modus_mega.training.engine import build_engine
 from modus_mega.training.failures import BadStepCounter
-from modus_mega.training.metrics import JsonlLog, plot_loss_curves, read_jsonl
+from modus_mega.training.metrics import JsonlLog, is_validation_record, plot_loss_curves, read_jsonl
 from modus_mega.training.observability import ThroughputMeter, WandbRun
 from modus_mega.training.prepare import prepare_step_inputs
 from modus_mega.training.samples import TrainingSampler
 from modus_mega.training.schedule import learning_rate
+from modus_mega.training.validation import Validation
 from modus_mega.vocab import build_vocabulary
 
 # Why samples are skipped: the readers' reasons (modalities/faults.py), then the packer's (data/packing.py).
@@ -56,7 +60,8 @@ class RunResult:
     run_dir: Path
     metrics_path: Path
     curve_path: Path
-    records: list[dict]
+    records: list[dict]  # the training steps' records
+    validation: list[dict]  # the validation records (``val/...``; training.eval_every)
     resumed_from: int  # optimizer step the run started at (0: fresh)
     preempted: bool  # stopped early on SIGTERM / SIGUSR1 after checkpointing
 
@@ -85,6 +90,7 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
     engine = build_engine(cfg, ctx)
     vocab = build_vocabulary(cfg.model.vocab)
     loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, vocab, ctx.dp_rank, ctx.dp)
+    validation = Validation.build(cfg, ctx, vocab)  # None: training.eval_every = 0
     fallback = cfg.training.resume == "fallback"  # a damaged latest tag: resume from the newest complete one
     state = (load_checkpoint(engine, loader, ctx, root, fallback) if cfg.training.resume else None) or TrainerState(step=0)
     resumed_from = state.step
@@ -140,6 +146,13 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
 
             state = TrainerState(step=step + 1, skipped_steps=failures.skipped_steps, bad_in_a_row=failures.bad_in_a_row)
             preempted = ctx.any_rank(preemption.received is not None)
+            if validation is not None and not preempted and validation.due(state.step):
+                val_record = validation.evaluate(engine, state.step)  # collective over every rank
+                watchdog.progress(step)  # the stall clock times the validation apart from the step
+                if log is not None:
+                    log.write(val_record)
+                    if tracker is not None:
+                        tracker.log(val_record)
             every = cfg.training.checkpoint_every
             if preempted or (every and state.step % every == 0) or state.step == cfg.training.steps:
                 save_checkpoint(engine, loader, ctx, cfg, root, state)
@@ -156,7 +169,11 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
     curve_path = run_dir / "loss_curves.png"
     if ctx.is_main and records:
         plot_loss_curves(records, curve_path)
-    return RunResult(run_dir, metrics_path, curve_path, records, resumed_from=resumed_from, preempted=preempted)
+    validation_records = [r for r in records if is_validation_record(r)]
+    step_records = [r for r in records if not is_validation_record(r)]
+    return RunResult(
+        run_dir, metrics_path, curve_path, step_records, validation_records, resumed_from=resumed_from, preempted=preempted
+    )
 
 
 def _step_record(
@@ -171,25 +188,18 @@ def _step_record(
     skips: list[float],
 ) -> dict:
     """One metrics.jsonl line from the dp-summed step totals and skip counts and the step's throughput."""
-    num = len(MODALITY_NAMES)
-    loss, ce_sum, mse_sum = totals[:3]
-    modality_sum, modality_count = totals[3 : 3 + num], totals[3 + num :]
-    record = {
+    means = loss_means(totals, global_ce, global_mse)  # loss, ce, mse, loss/<modality>
+    return {
         "step": step,
-        "loss": loss,
-        "ce": ce_sum / max(global_ce, 1),
-        "mse": mse_sum / max(global_mse, 1),
+        **{key: means[key] for key in ("loss", "ce", "mse")},
         "grad_norm": grad_norm,
         "lr": lr,
         **throughput,
         "skipped_samples": int(sum(skips)),  # every reason, all dp ranks, since the run began
         **{f"skipped/{reason}": int(count) for reason, count in zip(SKIP_REASONS, skips)},
         "skipped_steps": failures.skipped_steps,  # non-finite loss or gradient, since the run began
+        **{key: value for key, value in means.items() if key.startswith("loss/")},
     }
-    for name, total, count in zip(MODALITY_NAMES, modality_sum, modality_count):
-        if count:
-            record[f"loss/{name}"] = total / count
-    return record
 
 
 def skip_counts(loader: PackedLoader) -> list[float]:
@@ -201,10 +211,16 @@ def skip_counts(loader: PackedLoader) -> list[float]:
 
 
 def _truncate_log(path: Path, keep_below_step: int) -> None:
-    """Keep only records of steps before ``keep_below_step`` (a resumed run logs the rest again)."""
+    """Keep only records of steps before ``keep_below_step`` (a resumed run logs the rest again).
+
+    A validation record at ``keep_below_step`` itself stays: it preceded that checkpoint.
+    """
     if not path.is_file():
         return
-    kept = [r for r in read_jsonl(path) if r["step"] < keep_below_step]
+    kept = [
+        r for r in read_jsonl(path)
+        if r["step"] < keep_below_step or (is_validation_record(r) and r["step"] == keep_below_step)
+    ]  # fmt: skip
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(path)

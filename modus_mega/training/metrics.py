@@ -1,4 +1,4 @@
-"""Run outputs: a JSONL metrics log and a PNG of the loss curves."""
+"""Run outputs: a JSONL metrics log (training and validation records) and a PNG of the loss curves."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+# Prefix of every key of a validation record besides ``step`` (``training/validation.py``).
+VAL_PREFIX = "val/"
+
+
+def is_validation_record(record: dict[str, Any]) -> bool:
+    """Whether a metrics.jsonl record is a validation record (else a training step's)."""
+    return f"{VAL_PREFIX}loss" in record
 
 
 class JsonlLog:
@@ -60,22 +69,34 @@ def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
 
 
 def plot_loss_curves(records: list[dict[str, Any]], path: str | Path) -> None:
-    """Plot the objective, then the smoothed loss of every 1D (CE) and 2D (MSE) target modality."""
+    """Plot the objective, then the smoothed loss of every 1D (CE) and 2D (MSE) target modality.
+
+    Validation records (``val/...`` keys, ``training/validation.py``) are drawn on the same
+    panels as dashed lines with markers, unsmoothed, in their training curve's colour.
+    """
     from modus_mega.modalities import modality
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
-    steps = [r["step"] for r in records]
+    val = [r for r in records if is_validation_record(r)]
+    train = [r for r in records if not is_validation_record(r)]
+    colours = {}  # training curve label -> its colour, for the validation points
     for key in ("loss", "ce", "mse"):
-        axes[0].plot(steps, [r.get(key) for r in records], label=key)
+        (line,) = axes[0].plot([r["step"] for r in train], [r.get(key) for r in train], label=key)
+        colours[key] = line.get_color()
     axes[0].set(title="objective")
-    names = sorted({k.removeprefix("loss/") for r in records for k in r if k.startswith("loss/")})
+    names = sorted({k.removeprefix("loss/") for r in train for k in r if k.startswith("loss/")})
     for name in names:
-        points = [(r["step"], r[f"loss/{name}"]) for r in records if f"loss/{name}" in r]
-        xs, ys = zip(*points)
+        xs, ys = zip(*[(r["step"], r[f"loss/{name}"]) for r in train if f"loss/{name}" in r])
         ax = axes[1] if modality(name).family == "1d" else axes[2]
-        ax.plot(xs, _smooth(list(ys)), label=name)
-    axes[1].set(title="1D targets: cross-entropy (smoothed)")
-    axes[2].set(title="2D targets: flow-matching MSE (smoothed)")
+        (line,) = ax.plot(xs, _smooth(list(ys)), label=name)
+        colours[f"loss/{name}"] = line.get_color()
+    for key in sorted({k.removeprefix(VAL_PREFIX) for r in val for k in r if k.startswith(VAL_PREFIX)}):
+        xs, ys = zip(*[(r["step"], r[VAL_PREFIX + key]) for r in val if VAL_PREFIX + key in r])
+        name = key.removeprefix("loss/")
+        ax = axes[0] if key in ("loss", "ce", "mse") else axes[1] if modality(name).family == "1d" else axes[2]
+        ax.plot(xs, ys, "o--", color=colours.get(key), label=f"val {name}")
+    axes[1].set(title="1D targets: cross-entropy (smoothed; val: held-out)")
+    axes[2].set(title="2D targets: flow-matching MSE (smoothed; val: held-out)")
     for ax in axes:
         ax.set(xlabel="step", ylabel="loss", yscale="log")
         ax.grid(alpha=0.3)

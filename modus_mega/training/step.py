@@ -1,5 +1,9 @@
 """One training step behind one interface: ``TrainStep(micro_batches, global_counts) -> loss sums``.
 
+The same seam evaluates: ``evaluate(micro_batches, global_counts)`` runs the forward and
+the same ``StepLoss`` without gradient, update or non-finite verdict (the validation loss,
+``training/validation.py``), through DeepSpeed's ``eval_batch`` at pp > 1.
+
 The loop hands a step this rank's prepared micro-batches and the global batch's target
 counts and gets back this dp rank's ``loss_sums`` [NUM_LOSS_SUMS] float64 on the CPU,
 summed over its micro-batches; forward, loss, backward, clipping and the optimizer step
@@ -59,6 +63,10 @@ class TrainStep(Protocol):
         """This dp rank's loss sums [NUM_LOSS_SUMS] float64 on the CPU; ``global_counts``: (CE, MSE) target tokens."""
         ...
 
+    def evaluate(self, micro_batches: list[StepInputs], global_counts: tuple[int, int]) -> Tensor:
+        """The same loss sums over any number of micro-batches, without gradient, update or non-finite verdict."""
+        ...
+
     def grad_norm(self) -> float:
         """Global gradient norm of the last optimizer step, before clipping (NaN when it was not computed)."""
         ...
@@ -73,7 +81,8 @@ class StepLoss:
     """The loss of one micro-batch (a ``MicroBatchLoss``), and the record of its sums for the step's log.
 
     Returns ``modus_loss`` times ``scale``; the unscaled loss passes the non-finite guard.
-    ``begin_step`` sets the step's global target counts and forgets the last step's sums.
+    ``begin_step`` sets the step's global target counts and forgets the last step's sums;
+    ``training=False`` (an evaluation) returns the unscaled loss and tells the guard nothing.
     """
 
     def __init__(self, cfg: TrainingConfig, cross_entropy: CrossEntropyFn, scale: float, guard: NonFiniteGuard) -> None:
@@ -83,11 +92,13 @@ class StepLoss:
         self.guard = guard
         self.global_counts = (0, 0)  # (CE, MSE) target tokens of the whole global batch
         self.sums: list[Tensor] = []  # per micro-batch: loss_sums [NUM_LOSS_SUMS] float64, on the device
+        self.training = True  # False while evaluating: no scale, no verdict
 
-    def begin_step(self, global_counts: tuple[int, int]) -> None:
+    def begin_step(self, global_counts: tuple[int, int], training: bool = True) -> None:
         """Set the step's global target counts; forget the previous step's sums."""
         self.global_counts = global_counts
         self.sums = []
+        self.training = training
 
     def __call__(self, logits: Tensor, velocity: Tensor, targets: LossTargets) -> Tensor:
         terms = modus_loss(
@@ -95,6 +106,8 @@ class StepLoss:
             *self.global_counts, self.ce_weight, self.mse_weight, cross_entropy=self.cross_entropy,
         )  # fmt: skip
         self.sums.append(loss_sums(terms))
+        if not self.training:
+            return terms.loss
         self.guard.observe_loss(terms.loss)
         return terms.loss * self.scale
 
@@ -144,6 +157,14 @@ class EagerStep:
             self.engine.step()
         return self.loss.step_sums(self.engine.device).cpu()
 
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[StepInputs], global_counts: tuple[int, int]) -> Tensor:
+        self.loss.begin_step(global_counts, training=False)
+        for micro in micro_batches:
+            logits, velocity = self.engine(micro.model.in_compute_dtype(self.compute_dtype), micro.ce_index, micro.mse_index)
+            self.loss(logits, velocity, micro)
+        return self.loss.step_sums(self.engine.device).cpu()
+
     def grad_norm(self) -> float:
         if self.own_clip is not None:
             return self._grad_norm
@@ -188,7 +209,19 @@ class PipelineStep:
         loaded = [stage_micro_batch(self._in_compute_dtype(micro)) for micro in micro_batches]
         with self.autocast():
             self.engine.train_batch(iter(loaded))
-        sums = self.loss.step_sums(self.ctx.device)  # computed on the last stage
+        return self._last_stage_sums()
+
+    def evaluate(self, micro_batches: list[StepInputs], global_counts: tuple[int, int]) -> Tensor:
+        self.loss.begin_step(global_counts, training=False)
+        loaded = [stage_micro_batch(self._in_compute_dtype(micro)) for micro in micro_batches]
+        # Our sums, not DeepSpeed's dp-averaged output: no reduction, no broadcast of it.
+        with self.autocast():
+            self.engine.eval_batch(iter(loaded), reduce_output=None, bcast_loss=False, num_micro_batches=len(loaded))
+        return self._last_stage_sums()
+
+    def _last_stage_sums(self) -> Tensor:
+        """The loss's sums [NUM_LOSS_SUMS] float64 on the CPU, computed on the last stage, broadcast over pp."""
+        sums = self.loss.step_sums(self.ctx.device)
         dist.broadcast(sums, src=self._last_stage_rank, group=self.ctx.pp_group)
         return sums.cpu()
 

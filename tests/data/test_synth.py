@@ -181,6 +181,21 @@ def test_generation_is_deterministic() -> None:
     assert first["caption"] == again["caption"]
 
 
+
+def test_held_out_split_never_shares_a_scene_stream_with_train() -> None:
+    """Every val scene's random stream differs from every train scene's (same seed), and train keeps its old keys."""
+    train, val = synth.SynthConfig(image_size=32), synth.SynthConfig(image_size=32, split="val")
+
+    def states(config: synth.SynthConfig, num: int) -> set[tuple[int, ...]]:
+        return {tuple(np.random.SeedSequence(synth.scene_key(i, config)).generate_state(4)) for i in range(num)}
+
+    assert not states(train, 2000) & states(val, 2000)
+    assert np.random.default_rng(synth.scene_key(5, train)).random() == np.random.default_rng([0, 5]).random()
+    _, _, train_sample = synth.generate_sample(3, train)
+    _, _, val_sample = synth.generate_sample(3, val)
+    assert not np.array_equal(train_sample["rgb"], val_sample["rgb"])
+
+
 def test_dataset_bytes_do_not_depend_on_workers(tmp_path) -> None:
     config = synth.SynthConfig(image_size=32, feature_dim=8, feature_grid=2)
     synth.write_dataset(tmp_path / "a", 10, config, samples_per_shard=4, progress=False)

@@ -39,9 +39,10 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def demo_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """scripts/demo.sh's shards, caption tokenizer and feature codebooks, for 32 scenes instead of 512."""
+    """scripts/demo.sh's shards, held-out shards, caption tokenizer and feature codebooks, for 32 + 4 scenes."""
     root = tmp_path_factory.mktemp("demo")
     write_dataset(root / "data", 32, SynthConfig(image_size=64, feature_grid=4), samples_per_shard=16, progress=False)
+    write_dataset(root / "val", 4, SynthConfig(image_size=64, feature_grid=4, split="val"), samples_per_shard=2, progress=False)
     train_text(["--shards", str(root / "data"), "--out", str(root / "text_tokenizer"), "--vocab-size", "512"])
     train_vq(["--shards", str(root / "data"), "--out", str(root / "vq"), "--codebook-size", "32"])
     return root
@@ -52,6 +53,7 @@ def _overrides(run_dir: Path, demo: Path | None) -> list[str]:
     overrides = [f"training.steps={STEPS}", "training.log_every=1", "data.token_budget=256", f"training.run_dir={run_dir}"]
     if demo is not None:
         overrides += [f"data.shards={demo / 'data'}", f"data.text_tokenizer={demo / 'text_tokenizer'}", f"data.vq_dir={demo / 'vq'}"]
+        overrides += [f"data.val_shards={demo / 'val'}"]
     return overrides
 
 
@@ -73,6 +75,9 @@ def test_layout_config_trains_under_the_launcher(name: str, tmp_path: Path, requ
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if config.training.eval_every:  # the held-out loss at the end (training.eval_every > STEPS)
+        *records, validation = records
+        assert validation["step"] == STEPS and math.isfinite(validation["val/loss"]), validation
     assert [r["step"] for r in records] == list(range(STEPS))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records), records
     saved = json.loads((run_dir / "config.json").read_text())

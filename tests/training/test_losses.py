@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from modus_mega.losses import modus_loss
+from modus_mega.losses import loss_means, loss_sums, modus_loss
 from modus_mega.modalities import MODALITY_ID
 from modus_mega.model.init import init_weights
 from modus_mega.model.modus import ModusModel
@@ -36,6 +36,14 @@ def test_ce_and_mse_equal_hand_computed_values() -> None:
     assert math.isclose(float(out.mse_sum), sum(mse_tokens), rel_tol=1e-6)
     assert math.isclose(float(out.modality_sum[caption]), sum(ce_tokens), rel_tol=1e-6)
     assert out.modality_count[rgb] == 3 and out.modality_count[caption] == 2
+
+    means = loss_means(loss_sums(out).tolist(), global_num_ce=4, global_num_mse=6)  # the logged values
+    assert means.keys() == {"loss", "ce", "mse", "loss/caption", "loss/rgb"}
+    assert math.isclose(means["loss"], expected, rel_tol=1e-6)
+    assert math.isclose(means["ce"], sum(ce_tokens) / 4, rel_tol=1e-6)
+    assert math.isclose(means["mse"], sum(mse_tokens) / 6, rel_tol=1e-6)
+    assert math.isclose(means["loss/caption"], sum(ce_tokens) / 2, rel_tol=1e-6)
+    assert math.isclose(means["loss/rgb"], sum(mse_tokens) / 3, rel_tol=1e-6)
 
 
 def test_empty_terms_are_exactly_zero() -> None:
