@@ -21,8 +21,8 @@ from megatron.core import parallel_state
 
 from modus_mega.config import ModusConfig, config_from_dict, config_to_dict
 from modus_mega.datasets.synth import SynthConfig, write_dataset
+from modus_mega.datasets.train_text import main as train_text
 from modus_mega.parallel.context import ParallelContext
-from modus_mega.tokenizers.train_text import main as train_text
 from modus_mega.training.engine import build_engine
 from modus_mega.training.loop import _truncate_log, train
 from modus_mega.training.metrics import read_jsonl
