@@ -68,7 +68,7 @@ def test_bad_requests_are_refused(checkpoint, tmp_path: Path, capsys) -> None:
     _, hf_dir = checkpoint
     with pytest.raises(SystemExit) as e:
         main(["to-hf", str(hf_dir), str(tmp_path / "out"), "--text-vocab-only", "--quiet"])
-    assert e.value.code == 1 and "add --text-model" in capsys.readouterr().err
+    assert e.value.code == 2 and "add --text-model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     cfg = tiny_config().model
     cfg.llm.qk_norm = False

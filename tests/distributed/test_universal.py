@@ -254,6 +254,6 @@ def test_command_refuses_what_is_not_a_tag_and_an_existing_output(runs: Path, ca
     for argv in (["universal", str(runs)], ["universal", str(run_checkpoints(runs / "tp2") / TAG)]):
         with pytest.raises(SystemExit) as e:
             main(argv + ["--quiet"])
-        assert e.value.code == 1
+        assert e.value.code == 2
     err = capsys.readouterr().err
     assert "is not a checkpoint tag" in err and "already exists" in err
