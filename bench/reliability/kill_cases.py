@@ -4,7 +4,7 @@ A reference run (``python launch/pretrain.py --config configs/tiny.json``, ``STE
 a checkpoint every 2) runs uninterrupted once. Each case starts the same run in its own
 directory as a subprocess and SIGKILLs it at a random moment of one of two kinds:
 
-- *during a save*: as soon as the tag of a randomly chosen checkpoint step appears on disk
+- *during a save*: as soon as the tag of a checkpoint step (each save in turn) appears on disk
   (polled every few milliseconds; the detail says whether its manifest, written last, was
   there yet, i.e. whether the kill landed inside the save or just after it);
 - *at a random time*: a uniform fraction of the reference run's wall time after the start
@@ -126,7 +126,8 @@ def _held_at_time(run_dir: Path, reference: list[float], seconds: float) -> tupl
 
 
 def kill_cases(work: Path, rng: random.Random, count: int) -> Iterator[tuple[str, Callable[[], tuple[bool, str]]]]:
-    """``count`` kill / resume cases as (name, check), alternating a kill during a save and one at a random time."""
+    """``count`` kill / resume cases as (name, check), alternating a kill during a save and one at a random time
+    (``rng`` draws the times)."""
     start = time.monotonic()
     result = _run_to_end(work / "reference")
     wall = time.monotonic() - start
@@ -135,8 +136,9 @@ def kill_cases(work: Path, rng: random.Random, count: int) -> Iterator[tuple[str
         raise RuntimeError(f"the reference run failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
     for i in range(count):
         run_dir = work / f"case_{i:03d}"
-        if i % 2 == 0:
-            step = rng.choice(range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY))
+        if i % 2 == 0:  # the saves in turn, a mid-run one first
+            saves = range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY)
+            step = saves[i // 2 % len(saves)]
             yield f"SIGKILL at the save of step {step}", lambda r=run_dir, s=step: _held(r, reference, _during_save(r, s))
         else:
             seconds = rng.uniform(0, wall)
