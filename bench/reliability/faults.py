@@ -1,22 +1,38 @@
 """The fault matrix: inject every fault of each class and count the cases the system held.
 
-    python bench/reliability/faults.py --out runs/faults [--cases 20] [--classes bad_config bad_conversion]
+    python bench/reliability/faults.py --out runs/faults [--classes bad_shards,kill_resume] [--cases 20] [--kills 3]
 
 A fault class is one row of ``FAULT_CLASSES``: a name and a generator of cases, each a
 named fault with a check that says whether the system held (refused the fault with a clear
 message, or survived it as documented). The command runs every case, prints per class
 "cases tried / cases held" and every case that did not hold, and writes every case's
-outcome to ``OUT/faults.json``; it exits non-zero when a case did not hold.
+outcome to ``OUT/faults.json``; it exits non-zero when a case did not hold. A case that
+crashes did not hold. ``--cases`` is how often each random kind is drawn (offsets,
+tensors, files), ``--kills`` how many kill / resume cases run (each two tiny training runs).
 
-Classes so far (issue 15): ``bad_config``, every numeric config field out of range (its
-range's neighbours, NaN and infinity) plus wrong list lengths and empty output paths, each
-refused with a message naming the key; ``bad_conversion``, a tiny BAGEL release tampered
-(NaN / Inf / integer tensors, truncated files at random offsets, missing / extra /
-mis-shaped tensors, changed settings in its JSON, tokenizer or autoencoder files), each
-refused by ``python -m modus_mega.convert from-bagel --config configs/tiny.json`` with one
-stderr line and exit status 2, leaving no output behind. Kill / resume, bad shards, tampered checkpoints and a
-full disk are added as rows the same way: a function ``(work dir, rng, cases) -> cases``.
-``tests/reliability/test_faults.py`` runs each class with one case per random kind in CI.
+The classes (issue 15):
+
+- ``bad_config``: every numeric config field out of range (its range's neighbours, NaN and
+  infinity) plus wrong list lengths and empty output paths, each refused with a message
+  naming the key;
+- ``bad_conversion``: a tiny BAGEL release tampered (NaN / Inf / integer tensors, truncated
+  files at random offsets, missing / extra / mis-shaped tensors, changed settings in its
+  JSON, tokenizer or autoencoder files), each refused by ``python -m modus_mega.convert
+  from-bagel --config configs/tiny.json`` with one stderr line and exit status 2, leaving no
+  output behind;
+- ``bad_shards`` (``shard_cases.py``): one bad member among good samples (header bombs,
+  unknown members, oversized members, truncations at random offsets, random bytes, exceptions
+  inside decoders), read as the loader reads; the bad sample counted under its reason, every
+  good one delivered;
+- ``kill_resume`` (``kill_cases.py``): ``launch/pretrain.py`` SIGKILLed during a save or at a
+  random time, then resumed: its losses equal an uninterrupted run's bit for bit;
+- ``tampered_checkpoint``, ``truncated_checkpoint``, ``bit_flip_checkpoint``,
+  ``missing_file``, ``damaged_latest``, ``disk_full``, ``read_only`` (``checkpoint_cases.py``):
+  a tiny run's checkpoints damaged, or its save made to fail, and resumed through the real code.
+
+A row is a function ``(work dir, rng, count) -> cases``; the sibling modules give
+``(name, check)`` pairs that ``sibling_class`` wraps. ``tests/reliability/test_faults.py``
+runs every class with one case per random kind (and one kill) in CI.
 """
 
 from __future__ import annotations
@@ -36,8 +52,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
+sys.path[:0] = [str(REPO), str(Path(__file__).parent)]  # run as a script from anywhere; its sibling modules
 
+import checkpoint_cases  # noqa: E402
+from kill_cases import kill_cases  # noqa: E402
+from shard_cases import shard_cases  # noqa: E402
+
+from modus_mega.cli import one_line  # noqa: E402
 from modus_mega.config import (  # noqa: E402
     FIELD_LENGTHS,
     FIELD_RANGES,
@@ -70,6 +91,7 @@ class FaultClass:
 
     name: str
     cases: Callable[[Path, random.Random, int], Iterator[Case]]
+    counted_by: str = "cases"  # the command-line flag that gives ``count``: "cases", or "kills" for kill_resume
 
 
 # ----------------------------------------------------------------------------- bad configs
@@ -224,11 +246,38 @@ def bad_conversion_cases(work: Path, rng: random.Random, count: int) -> Iterator
                    {"id": 500, "content": "<|vision_start|>"}, {"id": 501, "content": "<|vision_end|>"}]})))  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- rows from the sibling modules
+
+NamedChecks = Iterator[tuple[str, Callable[[], tuple[bool, str]]]]
+
+
+def sibling_class(name: str, cases: Callable[[Path, random.Random, int], NamedChecks], counted_by: str = "cases") -> FaultClass:
+    """The row ``name`` from a sibling module's ``(work, rng, count) -> (case name, check)`` generator."""
+    return FaultClass(name, lambda work, rng, count: (Case(*case) for case in cases(work, rng, count)), counted_by)
+
+
+def checkpoint_class(name: str, kind: str) -> FaultClass:
+    """The row ``name``: the cases of ``kind`` from ``checkpoint_cases.py``, against a freshly trained tiny run."""
+
+    def cases(work: Path, rng: random.Random, count: int) -> NamedChecks:
+        with checkpoint_cases.open_bench(work, rng) as bench:
+            for case, check in checkpoint_cases.checkpoint_cases(kind, bench, count):
+                yield case, lambda check=check: (check(), "as documented in checkpoint_cases.py")
+
+    return sibling_class(name, cases)
+
+
 # ----------------------------------------------------------------------------- the matrix
 
 FAULT_CLASSES: dict[str, FaultClass] = {
     "bad_config": FaultClass("bad_config", bad_config_cases),
     "bad_conversion": FaultClass("bad_conversion", bad_conversion_cases),
+    "bad_shards": sibling_class("bad_shards", shard_cases),
+    "kill_resume": sibling_class("kill_resume", kill_cases, counted_by="kills"),
+    **{name: checkpoint_class(name, kind) for name, kind in [
+        ("tampered_checkpoint", "tampered"), ("truncated_checkpoint", "truncated"), ("bit_flip_checkpoint", "bit_flip"),
+        ("missing_file", "missing"), ("damaged_latest", "pointer"), ("disk_full", "disk_full"), ("read_only", "read_only"),
+    ]},  # fmt: skip
 }
 
 
@@ -249,26 +298,41 @@ def run_class(fault_class: FaultClass, work: Path, seed: int, count: int) -> lis
     rng = random.Random(seed)
     outcomes = []
     for case in fault_class.cases(work, rng, count):
-        held, detail = case.check()
+        try:
+            held, detail = case.check()
+        except Exception as error:  # a case that crashes did not hold; count it and go on
+            held, detail = False, f"raised {type(error).__name__}: {one_line(error)}"
         outcomes.append(Outcome(fault_class.name, case.name, held, detail))
     return outcomes
+
+
+def _class_list(text: str) -> list[str]:
+    """``--classes a,b``: known class names, in the matrix's order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FAULT_CLASSES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown fault class(es) {unknown}; choose from {','.join(FAULT_CLASSES)}")
+    return [name for name in FAULT_CLASSES if name in names]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the matrix; print cases tried / held per class and the cases that did not hold; 1 if any."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="work directory; faults.json is written there")
-    parser.add_argument("--classes", nargs="+", choices=list(FAULT_CLASSES), default=list(FAULT_CLASSES))
+    parser.add_argument("--classes", type=_class_list, default=list(FAULT_CLASSES),
+                        help=f"comma-separated fault classes (default all): {','.join(FAULT_CLASSES)}")
     parser.add_argument("--cases", type=int, default=20, help="cases of each random kind (offsets, tensors)")
+    parser.add_argument("--kills", type=int, default=3, help="kill_resume cases (each two tiny training runs)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    outcomes = [
-        outcome for name in args.classes for outcome in run_class(FAULT_CLASSES[name], args.out / name, args.seed, args.cases)
-    ]
-    print(f"{'fault class':<16} {'tried':>6} {'held':>6}")
+    outcomes = []
+    for name in args.classes:
+        fault_class = FAULT_CLASSES[name]
+        outcomes += run_class(fault_class, args.out / name, args.seed, getattr(args, fault_class.counted_by))
+    print(f"{'fault class':<22} {'tried':>6} {'held':>6}")
     for name in args.classes:
         mine = [o for o in outcomes if o.fault_class == name]
-        print(f"{name:<16} {len(mine):>6} {sum(o.held for o in mine):>6}")
+        print(f"{name:<22} {len(mine):>6} {sum(o.held for o in mine):>6}")
     for o in outcomes:
         if not o.held:
             print(f"NOT HELD  {o.fault_class}: {o.case}: {o.detail}")

@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.datasets.labelers import (
     DERIVED_FROM,
     LABELER_MODALITIES,
@@ -52,6 +53,7 @@ from modus_mega.data.shard_writer import encode_modality, write_index, write_sha
 from modus_mega.modalities.faults import SkipReason
 from modus_mega.modalities.values import Payload
 
+PROG = "python -m modus_mega.datasets.build_shards"
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 CANNY_THRESHOLDS: tuple[int, int] = (100, 200)  # cv2.Canny hysteresis thresholds, as in synth.py
 SOURCES_FILENAME = "sources.tsv"
@@ -392,9 +394,14 @@ def _parse_weights(pairs: Sequence[str], weights_dir: str | None, names: Sequenc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry: ``python -m modus_mega.datasets.build_shards --images DIR --out DIR``."""
+    """Command line entry: ``python -m modus_mega.datasets.build_shards --images DIR --out DIR``; a user error is
+    one line and exit status 2 (``modus_mega/cli.py``)."""
+    return run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m modus_mega.datasets.build_shards",
+        prog=PROG,
         description="Turn a folder of images into MODUS webdataset shards: rgb + Canny, plus pseudo-labels "
         "from local model directories (missing ones are skipped and counted).",
     )
@@ -426,35 +433,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--caption-max-tokens", type=int, default=30, help="caption length limit in tokens (default 30)")
     add("--sam-points-per-side", type=int, default=32, help="SAM prompt grid side (default 32)")
     add("--quiet", action="store_true", help="no progress bar")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     names = tuple(n.strip() for n in args.labelers.split(",") if n.strip())
-    try:
-        unknown = [n for n in names if n not in LABELER_NAMES]
-        if unknown:
-            raise ValueError(f"--labelers: unknown {unknown}; choose from {', '.join(LABELER_NAMES)}")
-        options = LabelerOptions(
-            device=args.device,
-            dtype=getattr(torch, args.dtype),
-            depth_kind=args.depth_kind,
-            relative_depth_range=tuple(args.relative_depth_range),
-            fov_degrees=args.fov,
-            detection_threshold=args.detection_threshold,
-            caption_max_new_tokens=args.caption_max_tokens,
-            sam_points_per_side=args.sam_points_per_side,
-        )
-        config = BuildConfig(
-            image_size=args.image_size,
-            samples_per_shard=args.samples_per_shard,
-            batch_size=args.batch_size,
-            rgb_format=args.rgb_format,
-            prefix=args.prefix,
-            labelers=tuple(n for n in LABELER_NAMES if n in names),
-            weights=_parse_weights(args.weights, args.weights_dir, names),
-            options=options,
-        )
-        stats, modalities = build_dataset(args.images, args.out, config, args.workers, progress=not args.quiet)
-    except ValueError as err:
-        parser.error(str(err))
+    unknown = [n for n in names if n not in LABELER_NAMES]
+    if unknown:
+        raise ValueError(f"--labelers: unknown {unknown}; choose from {', '.join(LABELER_NAMES)}")
+    options = LabelerOptions(
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        depth_kind=args.depth_kind,
+        relative_depth_range=tuple(args.relative_depth_range),
+        fov_degrees=args.fov,
+        detection_threshold=args.detection_threshold,
+        caption_max_new_tokens=args.caption_max_tokens,
+        sam_points_per_side=args.sam_points_per_side,
+    )
+    config = BuildConfig(
+        image_size=args.image_size,
+        samples_per_shard=args.samples_per_shard,
+        batch_size=args.batch_size,
+        rgb_format=args.rgb_format,
+        prefix=args.prefix,
+        labelers=tuple(n for n in LABELER_NAMES if n in names),
+        weights=_parse_weights(args.weights, args.weights_dir, names),
+        options=options,
+    )
+    stats, modalities = build_dataset(args.images, args.out, config, args.workers, progress=not args.quiet)
     print(stats.summary(modalities))
     print(f"index: {Path(args.out) / 'index.json'}")
     return 0

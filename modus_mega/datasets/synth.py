@@ -38,11 +38,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.data.shard_format import shard_name
 from modus_mega.data.shard_writer import encode_modality, write_index, write_shard
 from modus_mega.modalities import pictures
 from modus_mega.modalities.values import Detections, Groundings, Payload
 
+PROG = "python -m modus_mega.datasets.synth"
 CLASS_NAMES: tuple[str, ...] = ("sky", "ground", "sphere", "cube", "cylinder")  # seg id = index
 SHAPES: tuple[str, ...] = ("sphere", "cube", "cylinder")
 SKY_INSTANCE, GROUND_INSTANCE, FIRST_OBJECT_INSTANCE = 0, 1, 2
@@ -686,9 +688,14 @@ def write_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry: ``python -m modus_mega.datasets.synth --out DIR --num-samples N``."""
+    """Command line entry: ``python -m modus_mega.datasets.synth --out DIR --num-samples N``; a user error is
+    one line and exit status 2 (``modus_mega/cli.py``)."""
+    return run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m modus_mega.datasets.synth",
+        prog=PROG,
         description="Render procedural 3D scenes into MODUS webdataset shards (all 15 modalities, exact labels).",
     )
     parser.add_argument("--out", required=True, help="output directory for the .tar shards and index.json")
@@ -704,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rgb-format", choices=("jpg", "png"), default="jpg", help="storage of rgb (default jpg)")
     parser.add_argument("--prefix", default="synth", help="shard name prefix: PREFIX-000000.tar (default synth)")
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     config = SynthConfig(
         image_size=args.image_size,
@@ -713,10 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         feature_grid=args.feature_grid,
         rgb_format=args.rgb_format,
     )
-    try:
-        index = write_dataset(args.out, args.num_samples, config, args.samples_per_shard, args.prefix, args.workers)
-    except ValueError as err:
-        parser.error(str(err))
+    index = write_dataset(args.out, args.num_samples, config, args.samples_per_shard, args.prefix, args.workers)
     print(f"wrote {args.num_samples} samples; index: {index}")
     return 0
 

@@ -16,10 +16,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.data.shard_format import SkipCounter
 from modus_mega.data.shard_reader import iter_shard, read_index
 from modus_mega.modalities.values import Detections, Groundings
 from modus_mega.tokenizers.text import train_tiny_text_tokenizer
+
+PROG = "python -m modus_mega.datasets.train_text"
 
 
 def shard_texts(shards_dir: str | Path, counter: SkipCounter) -> Iterator[str]:
@@ -39,16 +42,22 @@ def shard_texts(shards_dir: str | Path, counter: SkipCounter) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train and save the tokenizer; print where it went and what was skipped."""
-    parser = argparse.ArgumentParser(description="Train a small BPE caption tokenizer from shards (CPU runs, tests).")
+    """Train and save the tokenizer; print where it went and what was skipped; a user error is one line and exit
+    status 2 (``modus_mega/cli.py``)."""
+    run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog=PROG, description="Train a small BPE caption tokenizer from shards (CPU runs, tests).")
     parser.add_argument("--shards", required=True, help="dataset directory with index.json")
     parser.add_argument("--out", required=True, help="output directory for tokenizer.json")
     parser.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (<= model.vocab.text_vocab_size)")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     counter = SkipCounter()
     texts = list(shard_texts(args.shards, counter))
     if not texts:
-        raise SystemExit(f"no text found in {args.shards} ({counter.summary()}); the tokenizer needs captions")
+        raise ValueError(f"no text found in {args.shards} ({counter.summary()}); the tokenizer needs captions")
     path = train_tiny_text_tokenizer(texts, args.vocab_size, args.out)
     print(f"text tokenizer ({args.vocab_size} tokens, {len(texts)} texts) written to {path}; {counter.summary()}")
 

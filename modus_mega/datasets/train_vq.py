@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.data.shard_format import SkipCounter
 from modus_mega.data.shard_reader import iter_shard, read_index
 from modus_mega.modalities import feature_modalities, modality
 from modus_mega.tokenizers.vq import relative_error, train_quantizer
 
+PROG = "python -m modus_mega.datasets.train_vq"
 logger = logging.getLogger(__name__)
 
 
@@ -64,9 +66,14 @@ def collect_features(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry: ``python -m modus_mega.datasets.train_vq --shards DIR --out DIR --codebook-size K``."""
+    """Command line entry: ``python -m modus_mega.datasets.train_vq --shards DIR --out DIR --codebook-size K``; a user
+    error is one line and exit status 2 (``modus_mega/cli.py``)."""
+    return run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m modus_mega.datasets.train_vq",
+        prog=PROG,
         description="Train one k-means vector quantizer per feature modality from MODUS shards.",
     )
     parser.add_argument("--shards", required=True, help="dataset directory holding index.json and the .tar shards")
@@ -79,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=20, help="Lloyd iterations per stage (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsampling and k-means++ (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device for k-means, e.g. cuda (default cpu)")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -86,13 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = list(known) if args.modalities is None else [n.strip() for n in args.modalities.split(",") if n.strip()]
     for name in names:
         if name not in known:
-            parser.error(f"--modalities: {name!r} is not a feature modality; choose from {', '.join(known)}")
+            raise ValueError(f"--modalities: {name!r} is not a feature modality; choose from {', '.join(known)}")
     if args.codebook_size < 1 or args.tokens_per_global < 1:
-        parser.error("--codebook-size and --tokens-per-global must be positive")
-    try:
-        features, counter = collect_features(args.shards, names, args.max_samples)
-    except ValueError as err:
-        parser.error(str(err))
+        raise ValueError("--codebook-size and --tokens-per-global must be positive")
+    features, counter = collect_features(args.shards, names, args.max_samples)
     logger.info("read %s", counter.summary())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name, vectors, args.codebook_size, stages, args.iterations, args.seed, args.device, progress=True
             )
         except ValueError as err:
-            parser.error(f"{name}: {err}")
+            raise ValueError(f"{name}: {err}") from err
         quantizer.save(out / f"{name}.safetensors")
         report[name] = {
             "num_vectors": int(len(vectors)),

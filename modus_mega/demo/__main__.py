@@ -10,12 +10,12 @@ says otherwise. A checkpoint that cannot be read prints ONE line and exits with 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.demo.app import TITLE, build_app
 from modus_mega.demo.examples import write_examples
 from modus_mega.demo.session import DemoSession
@@ -33,18 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="side of generated images in pixels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--out", type=Path, help="directory for the requests' outputs (default: a temporary one)")
+    add_debug_argument(p)
     return p  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse ``argv``, load the checkpoint and serve the page until interrupted."""
+    """Parse ``argv``, load the checkpoint and serve the page until interrupted; a checkpoint that cannot be read
+    is one line and exit status 2 (``modus_mega/cli.py``)."""
+    run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="modus_demo_"))
-    try:
-        session = DemoSession(args.ckpt, args.ema, args.size, args.device)
-    except ValueError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    session = DemoSession(args.ckpt, args.ema, args.size, args.device)
     examples = write_examples(out / "examples", args.size)
     app = build_app(session, examples, out / "requests")
     app.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(out)])

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from modus_mega.eval.baselines import BASELINES
+from modus_mega.cli import run_cli
 from modus_mega.eval.directions import parse_directions
 from modus_mega.eval.options import add_common_arguments, open_from_args
 from modus_mega.eval.report import markdown_table, write_report
@@ -35,19 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, evaluate, write, print; a refusal is one line on stderr and exit status 2."""
+    """Parse, evaluate, write, print; a refusal is one line on stderr and exit status 2 (``modus_mega/cli.py``)."""
+    return run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        directions = parse_directions(args.directions) if args.directions else None
-        opened = open_from_args(args, need_model=args.baseline is None)
-        if opened.generator is None:  # a baseline reads no condition: 2D scenes only, no tokenizer needed
-            results = run_baseline(args.baseline, opened.scenes, opened.suite.info, directions, args.suite, not args.quiet)
-        else:
-            results = run_suite(opened.generator, opened.tokenizers, opened.scenes, opened.suite.info, directions,
-                                opened.settings, args.suite, str(args.ckpt), not args.quiet)  # fmt: skip
-    except ValueError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    directions = parse_directions(args.directions) if args.directions else None
+    opened = open_from_args(args, need_model=args.baseline is None)
+    if opened.generator is None:  # a baseline reads no condition: 2D scenes only, no tokenizer needed
+        results = run_baseline(args.baseline, opened.scenes, opened.suite.info, directions, args.suite, not args.quiet)
+    else:
+        results = run_suite(opened.generator, opened.tokenizers, opened.scenes, opened.suite.info, directions,
+                            opened.settings, args.suite, str(args.ckpt), not args.quiet)  # fmt: skip
     paths = write_report(results, args.out)
     print(markdown_table(results), end="")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

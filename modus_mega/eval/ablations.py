@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from modus_mega.cli import run_cli
 from modus_mega.eval.directions import Direction, parse_directions
 from modus_mega.eval.options import Opened, add_common_arguments, open_from_args
 from modus_mega.eval.report import steps_plot, variant_table, write_variants
@@ -116,19 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, run every variant, write and print; a refusal is one line on stderr and exit status 2."""
+    """Parse, run every variant, write and print; a refusal is one line on stderr and exit status 2
+    (``modus_mega/cli.py``)."""
+    return run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.name not in ABLATIONS:
-            raise ValueError(f"unknown ablation {args.name!r}; choose one of {list(ABLATIONS)}")
-        ablation = ABLATIONS[args.name]
-        directions = parse_directions(args.directions or ablation.directions)
-        if args.name == "steps":
-            _step_list(args.step_list)  # refuse before loading anything
-        variants = ablation.run(open_from_args(args), directions, args)
-    except ValueError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    if args.name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {args.name!r}; choose one of {list(ABLATIONS)}")
+    ablation = ABLATIONS[args.name]
+    directions = parse_directions(args.directions or ablation.directions)
+    if args.name == "steps":
+        _step_list(args.step_list)  # refuse before loading anything
+    variants = ablation.run(open_from_args(args), directions, args)
     paths = write_variants(args.name, variants, args.out, ablation.by_target)
     if args.name == "steps":
         paths.append(steps_plot(variants, args.out))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from modus_mega.cli import add_debug_argument
 from modus_mega.eval.loading import load_generator, load_run_config
 from modus_mega.eval.suites import HELD_OUT_SEED, SUITE_NAMES, EvalScene, Suite, open_suite
 from modus_mega.inference.generator import Generator, Settings
@@ -16,7 +17,8 @@ from modus_mega.tokenizers import ModalityTokenizers
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Checkpoint, data, suite and sampling options."""
+    """Checkpoint, data, suite and sampling options, and ``--debug`` (``modus_mega/cli.py``)."""
+    add_debug_argument(parser)
     parser.add_argument("--ckpt", help="MODUS checkpoint in the Hugging Face layout (convert to-hf) or a training run directory")
     parser.add_argument("--ema", action="store_true", help="a training run's EMA weights instead of its weights")
     parser.add_argument("--config", help="the run's config JSON: its data section (condition mode, tokenizer, codebooks)")

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
+from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.generate.checkpoint import load, load_tokenizers, locate
 from modus_mega.generate.requests import check_targets, read_conditions
 from modus_mega.inference.generator import GeneratedTarget, Generator, Settings
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    add_debug_argument(p)
     return p  # fmt: skip
 
 
@@ -162,13 +163,13 @@ def _held_out(files: CheckpointFiles, args: argparse.Namespace) -> tuple[list[Re
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse ``argv`` and generate; a refused request prints one line and exits with status 2."""
+    """Parse ``argv`` and generate; a refused request prints one line and exits with status 2 (``modus_mega/cli.py``)."""
+    run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        sheet = run(args)
-    except ValueError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    sheet = run(args)
     print(f"wrote {args.out} (contact sheet: {sheet})")
 
 

@@ -4,12 +4,8 @@ nothing stops with a message instead of reading forever."""
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -24,29 +20,17 @@ from modus_mega.modalities.codecs import DecodeLimits, RgbCodec
 from modus_mega.modalities.faults import SampleError, SkipReason
 from modus_mega.tokenizers import ModalityTokenizers
 from modus_mega.vocab import build_vocabulary
+from tests.reliability.helpers import bench_module
+
+npy_header_only, png_header_only, jpeg_header_only = (  # crafted headers, shared with the fault matrix's bad_shards
+    getattr(bench_module("shard_cases"), name) for name in ("npy_header_only", "png_header_only", "jpeg_header_only")
+)
 
 CONFIG = synth.SynthConfig(image_size=32, feature_dim=8, feature_grid=2, rgb_format="png")
 
 
 def files_of(index: int) -> dict[str, bytes]:
     return synth.sample_files(index, CONFIG)
-
-
-def npy_header_only(shape: tuple[int, ...]) -> bytes:
-    """A .npy whose header claims ``shape`` float32, followed by a few bytes of data."""
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
-    return buffer.getvalue() + b"\0" * 16
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims ``width`` x ``height`` 8-bit RGB, with almost no pixel data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 7)) + chunk(b"IEND", b"")
 
 
 def reason_of(files: dict[str, bytes], limits: DecodeLimits = DecodeLimits()) -> SkipReason:
@@ -81,11 +65,7 @@ def test_png_header_claiming_a_huge_image_is_refused_undecoded(name: str, side: 
 
 
 def test_jpeg_header_claiming_12000_squared_is_refused_undecoded() -> None:
-    ok, jpeg = cv2.imencode(".jpg", np.zeros((32, 32, 3), np.uint8))
-    data = bytearray(jpeg.tobytes())
-    frame = data.index(b"\xff\xc0")  # SOF0: marker, length (2), precision (1), height (2), width (2)
-    data[frame + 5 : frame + 9] = struct.pack(">HH", 12000, 12000)
-    assert ok and reason_of({**without(files_of(0), "rgb."), "rgb.jpg": bytes(data)}) is SkipReason.TOO_LARGE
+    assert reason_of({**without(files_of(0), "rgb."), "rgb.jpg": jpeg_header_only(12000, 12000)}) is SkipReason.TOO_LARGE
 
 
 def without(files: dict[str, bytes], prefix: str) -> dict[str, bytes]:

@@ -60,6 +60,8 @@ def test_best_of_n_compares_best_of_1_with_each_verifier(checkpoint: Path, tmp_p
     ],
 )
 def test_refusals_are_one_line(checkpoint: Path, tmp_path: Path, capsys, argv: list[str], message: str) -> None:
-    assert main([*argv, "--ckpt", str(checkpoint), *FAST, "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--ckpt", str(checkpoint), *FAST, "--out", str(tmp_path)])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m modus_mega.eval.ablations: error:") and message in err[0]

@@ -19,7 +19,10 @@ DIRECTIONS = "rgb:depth,rgb:caption,caption:rgb,rgb:grounding,depth:seg"
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(["--quiet", *args])
+    try:
+        code = main(["--quiet", *args])
+    except SystemExit as exit_:  # a refusal (modus_mega/cli.py)
+        code = exit_.code
     out, err = capsys.readouterr()
     return code, out, err
 

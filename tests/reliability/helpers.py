@@ -1,4 +1,4 @@
-"""The checkpoint fault module (``bench/reliability/checkpoint_faults.py``, outside the package) for the tests."""
+"""The fault-matrix modules (``bench/reliability/``, outside the package) for the tests."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ from types import ModuleType
 from tests.conftest import REPO
 
 
-def checkpoint_faults() -> ModuleType:
-    """``bench/reliability/checkpoint_faults.py``, imported once as ``checkpoint_faults``."""
-    if "checkpoint_faults" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("checkpoint_faults", REPO / "bench" / "reliability" / "checkpoint_faults.py")
+def bench_module(name: str) -> ModuleType:
+    """``bench/reliability/<name>.py``, imported once as ``name`` (as the matrix command imports its siblings)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "reliability" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[spec.name] = module  # type: ignore[union-attr]  # dataclasses look their module up there
+        sys.modules[name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules["checkpoint_faults"]
+    return sys.modules[name]
+
+
+def checkpoint_cases() -> ModuleType:
+    """``bench/reliability/checkpoint_cases.py``: the checkpoint rows of the fault matrix."""
+    return bench_module("checkpoint_cases")

@@ -39,12 +39,12 @@ from modus_mega.checkpoint_layout import latest_tag
 from modus_mega.config import ModusConfig, validate
 from modus_mega.safe_loading import UnsafeCheckpointError, safe_load
 from modus_mega.training.metrics import read_jsonl
-from tests.reliability.helpers import checkpoint_faults
+from tests.reliability.helpers import checkpoint_cases
 
 MODEL = "mp_rank_00_model_states.pt"
 EXTRAS = "extras/rank_00000.pt"
 STATE = "trainer_state.json"
-Evil = checkpoint_faults().Evil  # unpickling it would create a marker file
+Evil = checkpoint_cases().Evil  # unpickling it would create a marker file
 
 
 def _save_tag(root: Path, step: int, point_latest: bool = True) -> Path:

@@ -29,7 +29,7 @@ from modus_mega.config import config_to_dict
 from modus_mega.safe_loading import UnsafeCheckpointError, safe_load
 from modus_mega.training.loop import train
 from tests.distributed.helpers import run_distributed, run_in_layout
-from tests.reliability.helpers import checkpoint_faults
+from tests.reliability.helpers import checkpoint_cases
 
 BASE = {"training.steps": 4, "training.checkpoint_every": 2, "training.log_every": 1, "parallel.zero_stage": 1}
 SIX = {**BASE, "training.steps": 6}
@@ -59,7 +59,7 @@ def _worker(raw: dict, out: str) -> None:
     tampered = out_dir / "tampered"
     shutil.copytree(out_dir / "run", tampered)
     states = safe_load(tampered / "checkpoints" / MODEL)
-    torch.save({**states, "args": checkpoint_faults().Evil(out_dir / "marker")}, tampered / "checkpoints" / MODEL)
+    torch.save({**states, "args": checkpoint_cases().Evil(out_dir / "marker")}, tampered / "checkpoints" / MODEL)
     (tampered / "checkpoints" / "step_00000004" / MANIFEST).unlink()
     write_manifest(tampered / "checkpoints" / "step_00000004", [])
     results["tampered"] = _refusal(raw, SIX, tampered, UnsafeCheckpointError)

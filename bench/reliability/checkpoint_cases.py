@@ -1,11 +1,10 @@
-"""Checkpoint fault matrix: tampered files, truncations, bit flips, missing files, damaged pointers, full disk, read-only.
-
-    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/reliability/checkpoint_faults.py --truncations 20 --out /tmp/faults
+"""The checkpoint rows of the fault matrix (``bench/reliability/faults.py``): tampered files, truncations, bit
+flips, missing files, damaged pointers, full disk, read-only.
 
 One CPU process trains the tiny model for 4 steps at ZeRO 1 (checkpoints after steps 2
-and 4) and builds one engine; every case copies that run's checkpoints, injects one fault
-and drives the real code (``training/checkpoint.py``'s save and load, DeepSpeed's engine
-included), then checks what a user must see. A case is *held* when:
+and 4) and builds one engine (``open_bench``); every case copies that run's checkpoints,
+injects one fault and drives the real code (``training/checkpoint.py``'s save and load,
+DeepSpeed's engine included), then checks what a user must see. A case is *held* when:
 
 - ``tampered``: a file of the step-4 tag (DeepSpeed's model states, its ZeRO optimizer
   partition, a rank's extras) holds an object whose ``__reduce__`` would create a marker
@@ -25,27 +24,23 @@ included), then checks what a user must see. A case is *held* when:
   write, EACCES when ``latest`` is replaced (tests run as root, whom chmod does not stop):
   the same, with "not writable" or "is not a directory".
 
-Each ``case_*`` returns True when held; ``run_matrix`` runs them all and returns, per
-class, (cases tried, cases held); ``tests/reliability/test_checkpoint_faults.py`` runs it
-with one truncation and one bit flip per file.
+Each ``case_*`` returns True when held; ``checkpoint_cases(kind, bench, count)`` lists a
+class's cases (``KINDS``), random ones ``count`` times per file.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
-import json
 import os
 import random
 import shutil
-import traceback
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from megatron.core import parallel_state
 
 import modus_mega.checkpoint_integrity as integrity
 from modus_mega.checkpoint_integrity import (
@@ -109,18 +104,23 @@ class Bench:
         save_checkpoint(self.engine, self.loader, self.ctx, self.cfg, root, TrainerState(step=step))
 
 
-def make_bench(out: Path, seed: int = 0) -> Bench:
-    """Train the tiny run whose checkpoints every case damages, and build the engine that loads them."""
+@contextlib.contextmanager
+def open_bench(out: Path, rng: random.Random) -> Iterator[Bench]:
+    """Train the tiny run whose checkpoints every case damages in ``out``, and build the engine that loads them;
+    Megatron's groups are destroyed afterwards (the process group stays, for the next class)."""
     overrides = ["training.steps=4", "training.checkpoint_every=2", "training.log_every=1",
                  "parallel.zero_stage=1", "data.token_budget=256", f"training.run_dir={out / 'run'}"]  # fmt: skip
     cfg = load_config(REPO / "configs" / "tiny.json", overrides)
     ctx = ParallelContext.initialize(cfg.parallel)
-    train(cfg, ctx)
-    engine = build_engine(cfg, ctx)
-    loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, engine.model.vocab, ctx.dp_rank, ctx.dp)
-    work = out / "cases"
-    shutil.rmtree(work, ignore_errors=True)
-    return Bench(cfg, ctx, engine, loader, out / "run" / "checkpoints", work, random.Random(seed))
+    try:
+        train(cfg, ctx)
+        engine = build_engine(cfg, ctx)
+        loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, engine.model.vocab, ctx.dp_rank, ctx.dp)
+        work = out / "cases"
+        shutil.rmtree(work, ignore_errors=True)
+        yield Bench(cfg, ctx, engine, loader, out / "run" / "checkpoints", work, rng)
+    finally:
+        parallel_state.destroy_model_parallel()
 
 
 def tag_files(bench: Bench, tag: str = DAMAGED) -> list[str]:
@@ -313,60 +313,35 @@ def case_read_only(bench: Bench, how: str) -> bool:
 READ_ONLY = ["file where the tag belongs", "file where extras belong", "read-only file system", "latest not replaceable"]
 
 
-# ----------------------------------------------------------------------------- the matrix
+# ----------------------------------------------------------------------------- the classes
+
+KINDS = ("tampered", "truncated", "bit_flip", "missing", "pointer", "disk_full", "read_only")
 
 
-def run_matrix(out: Path, truncations: int = 5, bit_flips: int = 5, seed: int = 0) -> dict[str, tuple[int, int]]:
-    """Every case, ``truncations`` random truncations and ``bit_flips`` flips per file; per class (tried, held)."""
-    bench = make_bench(out, seed)
+def checkpoint_cases(kind: str, bench: Bench, count: int) -> Iterator[tuple[str, Callable[[], bool]]]:
+    """The cases of ``kind`` (one of ``KINDS``) as (name, check); truncations and bit flips ``count`` per file."""
     files = tag_files(bench)
-    pickles = [name for name in files if name.endswith(".pt")]
-    cases: list[tuple[str, str, Callable[[], bool]]] = []
-    for name in pickles:
-        cases.append(("tampered", name, lambda n=name: case_tampered(bench, n)))
-        cases.append(("tampered", f"{name} (manifest not updated)", lambda n=name: case_tampered(bench, n, False)))
-    for name in files:
-        cases += [("truncated", name, lambda n=name: case_truncated(bench, n))] * truncations
-        cases += [("bit_flip", name, lambda n=name: case_bit_flip(bench, n))] * bit_flips
-    for name in files + [MANIFEST]:
-        cases.append(("missing", name, lambda n=name: case_missing(bench, n)))
-    for damage in POINTERS:
-        cases.append(("pointer", damage, lambda d=damage: case_pointer(bench, d)))
-    for at in DISK_FULL_AT:
-        cases.append(("disk_full", at, lambda a=at: case_disk_full(bench, a)))
-    cases.append(("disk_full", "zip writer", lambda: case_disk_full_zip_writer(bench)))
-    for how in READ_ONLY:
-        cases.append(("read_only", how, lambda h=how: case_read_only(bench, h)))
-
-    tried, held, failed = Counter[str](), Counter[str](), []
-    for kind, what, case in cases:
-        tried[kind] += 1
-        try:
-            ok = case()
-        except Exception:  # a case that crashes is not held; keep going and report it
-            ok = False
-            traceback.print_exc()
-        held[kind] += ok
-        if not ok:
-            failed.append(f"{kind}: {what}")
-    results = {kind: (tried[kind], held[kind]) for kind in tried}
-    (out / "checkpoint_faults.json").write_text(json.dumps({"results": results, "not_held": failed}, indent=1) + "\n")
-    return results
-
-
-def main() -> None:
-    """Run the matrix and print cases tried / held per class."""
-    parser = argparse.ArgumentParser(description="Inject checkpoint faults into a tiny CPU run and count those held.")
-    parser.add_argument("--out", type=Path, required=True, help="work directory (the run, the case copies, the JSON)")
-    parser.add_argument("--truncations", type=int, default=5, help="random truncations per checkpoint file")
-    parser.add_argument("--bit-flips", type=int, default=5, help="random bit flips per checkpoint file")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the offsets")
-    args = parser.parse_args()
-    results = run_matrix(args.out, args.truncations, args.bit_flips, args.seed)
-    for kind, (tried, held) in results.items():
-        print(f"{kind:>10}: {held:3d} / {tried:3d} held")
-    print(f"details: {args.out / 'checkpoint_faults.json'}")
-
-
-if __name__ == "__main__":
-    main()
+    if kind == "tampered":
+        for name in (name for name in files if name.endswith(".pt")):
+            yield name, lambda n=name: case_tampered(bench, n)
+            yield f"{name} (manifest not updated)", lambda n=name: case_tampered(bench, n, False)
+    elif kind in ("truncated", "bit_flip"):
+        case = case_truncated if kind == "truncated" else case_bit_flip
+        for name in files:
+            for _ in range(count):
+                yield name, lambda n=name: case(bench, n)
+    elif kind == "missing":
+        for name in files + [MANIFEST]:
+            yield name, lambda n=name: case_missing(bench, n)
+    elif kind == "pointer":
+        for damage in POINTERS:
+            yield f"latest {damage}", lambda d=damage: case_pointer(bench, d)
+    elif kind == "disk_full":
+        for at in DISK_FULL_AT:
+            yield f"ENOSPC writing {at}", lambda a=at: case_disk_full(bench, a)
+        yield "torch's zip writer on a full disk", lambda: case_disk_full_zip_writer(bench)
+    elif kind == "read_only":
+        for how in READ_ONLY:
+            yield how, lambda h=how: case_read_only(bench, h)
+    else:
+        raise ValueError(f"unknown checkpoint fault kind {kind!r}; choose one of {KINDS}")
