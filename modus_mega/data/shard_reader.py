@@ -194,16 +194,22 @@ def iter_shard(
     yielded = 0
     complete = False
     pending: tuple[str, list[tuple[str, bytes]]] | None = None
+
+    def emit(group: tuple[str, list[tuple[str, bytes]]]) -> Iterator[RawSample]:
+        """Decode the complete sample group at ``position``; yield it unless it is skipped."""
+        nonlocal position, yielded
+        sample = _decode_or_count(group, counter, shard, position, start, limits)
+        position += 1
+        if sample is not None:
+            yielded += 1
+            yield sample
+
     try:
         with open(shard, "rb") as handle:
             with tarfile.open(fileobj=handle, mode="r|") as tar:
                 for group in _group_members(tar, limits.max_array_bytes):
                     if pending is not None:
-                        sample = _decode_or_count(pending, counter, shard, position, start, limits)
-                        position += 1
-                        if sample is not None:
-                            yielded += 1
-                            yield sample
+                        yield from emit(pending)
                     pending = group
                 end_offset = tar.offset
             handle.seek(end_offset)
@@ -216,18 +222,10 @@ def iter_shard(
         # The group in flight is partial and never came out; `pending` is complete.
         logger.warning("shard %s breaks after %d samples: %s", shard, position + (pending is not None), err)
         if pending is not None:
-            sample = _decode_or_count(pending, counter, shard, position, start, limits)
-            position += 1
-            if sample is not None:
-                yielded += 1
-                yield sample
+            yield from emit(pending)
             pending = None
     if complete and pending is not None:
-        sample = _decode_or_count(pending, counter, shard, position, start, limits)
-        position += 1
-        if sample is not None:
-            yielded += 1
-            yield sample
+        yield from emit(pending)
     lost_until = max(expected_samples or 0, position + (0 if complete else 1))
     for index in range(max(position, start), lost_until):
         counter.skip(SkipReason.TRUNCATED_TAR, f"{shard}: sample {index} missing (shard holds {position})")
