@@ -10,32 +10,24 @@ import torch
 from modus_mega.config import load_config
 from modus_mega.data.documents import Document, DocumentBuilder
 from modus_mega.data.procedural import procedural_sample
-from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.inference.constraints import DetectionGrammar, accepts
 from modus_mega.inference.generator import Generator, Settings
 from modus_mega.inference.guidance import GuidanceConfig
 from modus_mega.inference.token_sampling import TokenSampling
-from modus_mega.model.init import init_weights
-from modus_mega.model.modus import ModusModel
-from modus_mega.ops.attention_reference import ReferenceAttention
 from modus_mega.tokenizers.vq import FeatureQuantizer
 from tests.conftest import REPO
+from tests.inference.helpers import tiny_generator
 
 FAST = dict(steps=3, image_size=(32, 32))
 
 
 @pytest.fixture(scope="module")
 def generator() -> Generator:
-    cfg = load_config(REPO / "configs" / "tiny.json")
-    model = ModusModel(cfg.model)
-    init_weights(model, 0, 0.05)
-    vae = FluxAutoEncoder(cfg.model.vae)
-    init_weights(vae, 0, 0.05, prefix="vae.")
-    quantizers = {
-        "clip_global": FeatureQuantizer("clip_global", torch.randn(2, cfg.model.vocab.codebook_size, 8)),
-        "dinov2_local": FeatureQuantizer("dinov2_local", torch.randn(1, cfg.model.vocab.codebook_size, 8)),
-    }
-    return Generator(model.eval(), vae.eval(), ReferenceAttention(), cfg.data, quantizers)
+    size = load_config(REPO / "configs" / "tiny.json").model.vocab.codebook_size
+    return tiny_generator({
+        "clip_global": FeatureQuantizer("clip_global", torch.randn(2, size, 8)),
+        "dinov2_local": FeatureQuantizer("dinov2_local", torch.randn(1, size, 8)),
+    })
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from modus_mega.config import load_config
 from modus_mega.data.documents import Document, Sample
 from modus_mega.data.procedural import procedural_sample
 from modus_mega.datasets.synth import SynthConfig, generate_sample
-from modus_mega.encoders.vae import FluxAutoEncoder
 from modus_mega.inference.generator import GeneratedTarget, Generator, Settings
 from modus_mega.inference.sequence import Sequence
 from modus_mega.inference.verification import (
@@ -21,12 +19,10 @@ from modus_mega.inference.verification import (
     best_of_n,
     caption_claims,
 )
-from modus_mega.model.init import init_weights
-from modus_mega.model.modus import ModusModel
 from modus_mega.ops.attention_reference import ReferenceAttention
 from modus_mega.ops.mask import lo_hi_for_layout
 from modus_mega.tokenizers.text import TextTokenizer, train_tiny_text_tokenizer
-from tests.conftest import REPO
+from tests.inference.helpers import tiny_generator
 
 FAST = dict(steps=2, image_size=(32, 32))
 CAPTION = "a red sphere left of a blue cube."
@@ -34,12 +30,7 @@ CAPTION = "a red sphere left of a blue cube."
 
 @pytest.fixture(scope="module")
 def generator() -> Generator:
-    cfg = load_config(REPO / "configs" / "tiny.json")
-    model = ModusModel(cfg.model)
-    init_weights(model, 0, 0.05)
-    vae = FluxAutoEncoder(cfg.model.vae)
-    init_weights(vae, 0, 0.05, prefix="vae.")
-    return Generator(model.eval(), vae.eval(), ReferenceAttention(), cfg.data)
+    return tiny_generator()
 
 
 @pytest.fixture(scope="module")
