@@ -29,6 +29,7 @@ from modus_mega.config import DataConfig, ModelConfig, ModusConfig, load_config
 from modus_mega.convert.deepspeed_run import DeepSpeedRunSource, is_run_dir
 from modus_mega.convert.hf import CONFIG_FILE, VQ_DIR, load_model, load_pretrained, read_hf_config
 from modus_mega.encoders.vae import FluxAutoEncoder
+from modus_mega.host_memory import keep_freed_blocks_in_heap
 from modus_mega.model.init import seeded_vae
 from modus_mega.model.modus import ModusModel
 from modus_mega.modalities import feature_modalities
@@ -91,6 +92,7 @@ def _tokenizer_dir(directory: Path | None) -> Path | None:
 
 def load(files: CheckpointFiles, device: torch.device) -> tuple[ModusModel, FluxAutoEncoder | None]:
     """The serial model and the VAE (None: the checkpoint has none) on ``device``, in eval mode."""
+    keep_freed_blocks_in_heap()  # generation's many forwards: see modus_mega/host_memory.py
     if files.run is None:
         model, vae = load_pretrained(files.path, device=device)
         return model, vae

@@ -32,6 +32,7 @@ from modus_mega.checkpoint_layout import checkpoint_root
 from modus_mega.config import ModusConfig, save_config
 from modus_mega.data.loader import PackedLoader
 from modus_mega.data.packing import TOO_LONG
+from modus_mega.host_memory import keep_freed_blocks_in_heap
 from modus_mega.losses import NUM_LOSS_SUMS, loss_means
 from modus_mega.modalities import MODALITY_NAMES
 from modus_mega.modalities.faults import SkipReason
@@ -80,6 +81,7 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
 
     Rank 0 writes config.json, metrics.jsonl and loss_curves.png into ``training.run_dir``.
     """
+    keep_freed_blocks_in_heap()  # a step's cost must not depend on the process's allocation history
     run_dir = Path(cfg.training.run_dir)
     root = checkpoint_root(cfg)
     if ctx.is_main:
