@@ -12,25 +12,17 @@ batch (DESIGN §3). The MSE of a token is the mean over its P latent dims (BAGEL
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from modus_mega.modalities import MODALITY_NAMES, NUM_MODALITIES
+from modus_mega.model.inputs import LossTargets
 
 # (logits [N, V], labels [N]) -> per-token loss [N]; the vocab-parallel version lives in parallel/.
 CrossEntropyFn = Callable[[Tensor, Tensor], Tensor]
-
-
-class LossTargets(Protocol):
-    """What a micro-batch's loss compares the heads' outputs with (``StepInputs``, or the last stage's labels)."""
-
-    ce_labels: Tensor  # [N_ce] long: the 1D target token each CE position predicts
-    ce_modality: Tensor  # [N_ce] long: its target modality
-    velocity_target: Tensor  # [N_mse, P]: eps - x0 of each noisy 2D token
-    mse_modality: Tensor  # [N_mse] long
 
 
 # (logits [N_ce, V], velocity [N_mse, P], targets) -> the scalar a step back-propagates for one micro-batch.

@@ -61,7 +61,7 @@ def measure(loader: PackedLoader, batches: int) -> tuple[float, float, float]:
         batch = next(stream)
         docs += batch.num_documents
         tokens += batch.num_real_tokens
-        budget += batch.input_ids.numel()
+        budget += batch.model.input_ids.numel()
     elapsed = time.perf_counter() - start
     return docs / elapsed, tokens / elapsed, tokens / budget
 

@@ -10,7 +10,7 @@ the budget can never fit and is dropped and counted.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor
 from modus_mega.data.documents import IGNORE_LABEL, Document
 from modus_mega.encoders.vae import latent_position_ids
 from modus_mega.encoders.vit import patchify_image, vit_position_ids
-from modus_mega.model.inputs import TOKEN_TEXT
+from modus_mega.model.inputs import TOKEN_TEXT, ModelInputs, map_tensors
 from modus_mega.ops.mask import lo_hi_for_layout, padding_lo_hi
 
 TOO_LONG = "longer_than_token_budget"  # the packer's one reason to drop a document (a log field name)
@@ -27,48 +27,23 @@ TOO_LONG = "longer_than_token_budget"  # the packer's one reason to drop a docum
 
 @dataclass
 class PackedBatch:
-    """One packed micro-batch as the loader yields it (before VAE encoding and noising).
+    """One packed micro-batch as the loader yields it: the model's inputs, the per-token targets,
+    and the 2D images still as pixels (the VAE encodes them on the device: ``training/prepare.py``).
 
-    T = token budget; N_vit / N_vae ViT and 2D tokens; I_vit / I_vae image splits.
+    T = token budget; I_vae image splits.
     """
 
-    input_ids: Tensor  # [T] long
-    token_type: Tensor  # [T] long
-    modality_ids: Tensor  # [T] long: modality of each token's segment (padding: 0)
-    position_ids: Tensor  # [T] long
-    attn_lo: Tensor  # [T] int32
-    attn_hi: Tensor  # [T] int32
+    model: ModelInputs  # every model input but the 2D tokens: ``vae_tokens`` is [0, 0] until encoded
     ce_labels: Tensor  # [T] long: next 1D target token or IGNORE_LABEL
-    vit_patches: Tensor  # [N_vit, p*p*3] float
-    vit_position_ids: Tensor  # [N_vit] long
-    vit_cu_seqlens: Tensor  # [I_vit + 1] int32
+    modality_ids: Tensor  # [T] long: modality of each token's segment (padding: 0)
     vae_images: Tensor  # [I_vae, 3, H_max, W_max] float, zero-padded bottom/right
     vae_grid: Tensor  # [I_vae, 2] long: (rows, cols) of 2D tokens of each image
-    vae_timesteps: Tensor  # [N_vae] float: flow time per 2D token (0: clean condition)
-    vae_position_ids: Tensor  # [N_vae] long: row * max_latent_size + col
     num_real_tokens: int  # tokens that belong to documents (the rest is padding)
     num_documents: int
 
-    @property
-    def packing_efficiency(self) -> float:
-        """Real tokens / budget."""
-        return self.num_real_tokens / self.input_ids.numel()
-
     def to(self, device: torch.device | str) -> "PackedBatch":
         """A copy with every tensor on ``device``."""
-        moved = {
-            f.name: (v.to(device, non_blocking=True) if isinstance(v := getattr(self, f.name), Tensor) else v)
-            for f in fields(self)
-        }
-        return PackedBatch(**moved)
-
-    def pin_memory(self) -> "PackedBatch":
-        """Page-lock every tensor for asynchronous host-to-device copies."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Tensor):
-                setattr(self, f.name, value.pin_memory())
-        return self
+        return map_tensors(replace(self, model=self.model.to(device)), lambda t: t.to(device, non_blocking=True))
 
 
 class Packer:
@@ -163,21 +138,25 @@ class Packer:
         vae_pos = [latent_position_ids(h, w, self.max_latent_size) for h, w in grids]
         vae_t = [torch.full((h * w,), t) for (h, w), t in zip(grids, vae_times)]
 
-        return PackedBatch(
+        model = ModelInputs(
             input_ids=cat_lists("input_ids", 0),
             token_type=cat_lists("token_type", TOKEN_TEXT),
-            modality_ids=cat_lists("modality_ids", 0),
             position_ids=cat_lists("position_ids", 0),
             attn_lo=torch.cat([lo, pad_lo]),
             attn_hi=torch.cat([hi, pad_hi]),
-            ce_labels=cat_lists("ce_labels", IGNORE_LABEL),
             vit_patches=torch.cat(vit_patches) if vit_patches else torch.zeros(0, patch_dim),
             vit_position_ids=torch.cat(vit_pos) if vit_pos else torch.zeros(0, dtype=torch.long),
             vit_cu_seqlens=torch.nn.functional.pad(torch.cumsum(vit_lengths, 0, dtype=torch.int32), (1, 0)),
-            vae_images=padded,
-            vae_grid=torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
+            vae_tokens=torch.zeros(0, 0),  # made from vae_images on the device
             vae_timesteps=torch.cat(vae_t) if vae_t else torch.zeros(0),
             vae_position_ids=torch.cat(vae_pos) if vae_pos else torch.zeros(0, dtype=torch.long),
+        )
+        return PackedBatch(
+            model=model,
+            ce_labels=cat_lists("ce_labels", IGNORE_LABEL),
+            modality_ids=cat_lists("modality_ids", 0),
+            vae_images=padded,
+            vae_grid=torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
             num_real_tokens=num_real,
             num_documents=len(docs),
         )

@@ -9,11 +9,33 @@ expert, VAE tokens (clean or noisy latent patches) to the 2D expert (BAGEL's rul
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor
 
 TOKEN_TEXT, TOKEN_VIT, TOKEN_VAE = 0, 1, 2
+
+R = TypeVar("R")
+
+
+def record_tensors(record: Any) -> tuple[Tensor, ...]:
+    """Every field of a tensor record (a dataclass of tensors) in declaration order: how a record
+    travels where only tuples of tensors may (DeepSpeed's pipeline loads them on its stages)."""
+    return tuple(getattr(record, f.name) for f in fields(record))
+
+
+def record_from_tensors(cls: type[R], tensors: tuple[Tensor, ...] | list[Tensor]) -> R:
+    """The record of type ``cls`` whose ``record_tensors`` are ``tensors`` (the inverse)."""
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    if len(tensors) != len(names):
+        raise ValueError(f"{len(tensors)} tensors for {cls.__name__}'s {len(names)} fields {names}")
+    return cls(**dict(zip(names, tensors)))
+
+
+def map_tensors(record: R, fn: Callable[[Tensor], Tensor]) -> R:
+    """A copy of the dataclass ``record`` with ``fn`` applied to each tensor field (other fields kept)."""
+    return replace(record, **{f.name: fn(v) for f in fields(record) if isinstance(v := getattr(record, f.name), Tensor)})  # type: ignore[arg-type]
 
 
 def expert_ids_of(token_type: Tensor) -> Tensor:
@@ -39,12 +61,12 @@ class ModelInputs:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelInputs":
         """Move every tensor to ``device``; float tensors are cast to ``dtype`` if given."""
-        moved = {}
-        for f in fields(self):
-            t = getattr(self, f.name)
+
+        def move(t: Tensor) -> Tensor:
             cast = dtype if (dtype is not None and t.is_floating_point()) else None
-            moved[f.name] = t.to(device=device, dtype=cast, non_blocking=True)
-        return ModelInputs(**moved)
+            return t.to(device=device, dtype=cast, non_blocking=True)
+
+        return map_tensors(self, move)
 
     def in_compute_dtype(self, dtype: torch.dtype) -> "ModelInputs":
         """A copy whose pixel and latent inputs (ViT patches, 2D tokens) are in ``dtype``; ``self`` is unchanged.
@@ -56,13 +78,23 @@ class ModelInputs:
 
 
 @dataclass
+class LossTargets:
+    """What one micro-batch's loss needs besides the heads' outputs: its target positions and targets.
+
+    The positions are where the heads run (``ModusModel.heads``); both ascend.
+    """
+
+    ce_index: Tensor  # [N_ce] long: positions whose next token is a 1D target token
+    ce_labels: Tensor  # [N_ce] long: that token
+    ce_modality: Tensor  # [N_ce] long: its target modality
+    mse_index: Tensor  # [N_mse] long: positions of noisy 2D target tokens
+    velocity_target: Tensor  # [N_mse, P]: eps - x0 of each
+    mse_modality: Tensor  # [N_mse] long
+
+
+@dataclass
 class StepInputs:
-    """Everything one forward + loss needs: the model's inputs and the loss positions and targets."""
+    """One micro-batch of a training step: the model's inputs and the loss's targets (``training/prepare.py``)."""
 
     model: ModelInputs
-    ce_index: Tensor  # [N_ce] long, ascending: positions whose next token is a 1D target token
-    ce_labels: Tensor  # [N_ce] long
-    ce_modality: Tensor  # [N_ce] long
-    mse_index: Tensor  # [N_mse] long, ascending: positions of noisy 2D tokens
-    velocity_target: Tensor  # [N_mse, P]
-    mse_modality: Tensor  # [N_mse] long
+    targets: LossTargets

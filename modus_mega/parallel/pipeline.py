@@ -6,7 +6,7 @@ ranks of that stage, holding the model's own modules under the model's attribute
     stage 0        embed_tokens, vit, connector, vit_pos_embed, time_embedder, vae2llm,
                    latent_pos_embed, then its decoder layers
     stage s        decoder layers [s * L / pp, (s + 1) * L / pp)
-    stage pp - 1   its decoder layers, then final_norms, lm_head, llm2vae and both losses
+    stage pp - 1   its decoder layers, then final_norms, lm_head, llm2vae (run by its loss)
 
 Decoder layers sit in a ``ModuleDict`` keyed by their global index, so a stage's parameter
 names ARE the global ones (``layers.5.experts.1.q_proj.weight``): ``init_weights`` by name
@@ -23,28 +23,32 @@ What crosses stages. Between stages a micro-batch is the tuple ``StageActivation
 tp rank's rows of the hidden states [R, D] (float, with gradient; R = T, or with sequence
 parallelism T padded to a multiple of tp, over tp: each tp rank sends its own rows to its
 peer on the next stage, 1/tp of the bytes) and the per-token INTEGER metadata
-``build_context`` needs (token_type, position_ids, attn_lo, attn_hi) plus ``target_roles``,
-a bit set per token (``ROLE_CE``, ``ROLE_MSE``) from which the last stage recovers the
-loss positions. DeepSpeed sends a gradient back for every float tensor of the tuple and
-waits for one, so a float tensor without gradient would hang the backward: nothing but
-the hidden states is float. Every shape follows from T (the fixed token budget), so shapes
-are static and DeepSpeed sends their metadata once. The first stage splits the embeddings
-into rows (``Collectives.scatter``), the last gathers them back for the heads.
+``build_context`` needs (token_type, position_ids, attn_lo, attn_hi). DeepSpeed sends a
+gradient back for every float tensor of the tuple and waits for one, so a float tensor
+without gradient would hang the backward: nothing but the hidden states is float. Every
+shape follows from T (the fixed token budget), so shapes are static and DeepSpeed sends
+their metadata once. The first stage splits the embeddings into rows
+(``Collectives.scatter``), the last gathers them back: its output is the final hidden
+states [T, D].
 
-What does not cross stages. DeepSpeed loads each micro-batch on the first stage (model
-inputs: ids, ViT patches, noised 2D tokens, ...) and on the last stage (labels: CE labels,
-velocity targets, target modalities) from the same iterator of ``(inputs, labels)`` pairs,
-so the float targets never travel between stages. The global target counts are fixed for
-a step and set on the loss once per step.
+What does not cross stages. DeepSpeed loads each micro-batch from one iterator of
+``(inputs, labels)`` pairs (``stage_micro_batch``): the inputs on the first stage, every
+field of the ``ModelInputs`` record in order, and the labels on the last, every field of
+the ``LossTargets`` record (target positions included, whose lengths vary per micro-batch,
+which only a loaded tensor may). Both are flattened and rebuilt by ``dataclasses.fields``
+(``model/inputs.py``), so a field added to either record travels without a change here,
+and no target, position or float label ever crosses a stage boundary.
 
-The loss. The last stage runs the ``MicroBatchLoss`` the pipeline is built with
-(``modus_mega/losses.py``); the training step (``training/step.py``) makes it, with its
-scaling for DeepSpeed's pipeline engine, so this module knows nothing of training.
+The loss. The last stage's loss runs the heads at the target positions
+(``model/modus.py``'s ``output_heads`` on the stage's own head modules) and then the
+``MicroBatchLoss`` the pipeline is built with (``modus_mega/losses.py``); the training step
+(``training/step.py``) makes it, with its scaling for DeepSpeed's pipeline engine, so this
+module knows nothing of training. The global target counts are fixed for a step and set
+on the loss once per step.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
 from functools import partial
 from typing import NamedTuple
 
@@ -57,7 +61,7 @@ from torch import Tensor, nn
 
 from modus_mega.config import ModusConfig
 from modus_mega.losses import MicroBatchLoss
-from modus_mega.model.inputs import ModelInputs, StepInputs
+from modus_mega.model.inputs import LossTargets, ModelInputs, StepInputs, record_from_tensors, record_tensors
 from modus_mega.model.layers import LinearFactory
 from modus_mega.model.modus import ModusModel, embed_inputs, output_heads
 from modus_mega.model.mot import LayerContext
@@ -70,8 +74,6 @@ EMBEDDING_MODULES = (
 )  # fmt: skip
 HEAD_MODULES = ("final_norms", "lm_head", "llm2vae")
 
-# Bits of ``target_roles``: the token predicts a 1D target (CE) / is a noisy 2D target (MSE).
-ROLE_CE, ROLE_MSE = 1, 2
 
 class StageActivations(NamedTuple):
     """What one stage sends the next for one micro-batch; all [T] but ``hidden`` [R, D]."""
@@ -81,16 +83,6 @@ class StageActivations(NamedTuple):
     position_ids: Tensor  # [T] long
     attn_lo: Tensor  # [T] int32
     attn_hi: Tensor  # [T] int32
-    target_roles: Tensor  # [T] long: ROLE_CE | ROLE_MSE bits
-
-
-class StageLabels(NamedTuple):
-    """The last stage's micro-batch (what DeepSpeed loads there as labels)."""
-
-    ce_labels: Tensor  # [N_ce] long
-    ce_modality: Tensor  # [N_ce] long
-    velocity_target: Tensor  # [N_mse, P] float
-    mse_modality: Tensor  # [N_mse] long
 
 
 def global_parameter_name(pipeline_name: str) -> str:
@@ -131,8 +123,9 @@ class PipelineStage(nn.Module):
 
     Holds the model's modules under the model's attribute names, so the model's own
     ``embed_inputs`` and ``output_heads`` run on it unchanged. The first stage takes
-    ``stage_micro_batch``'s inputs, every other stage a ``StageActivations``; the last stage returns (logits [N_ce, V/tp],
-    velocity [N_mse, P]), every other stage a ``StageActivations``.
+    ``stage_micro_batch``'s inputs, every other stage a ``StageActivations``; the last stage returns
+    the final hidden states [T, D] (its loss runs the heads: ``heads_and_loss``), every other
+    stage a ``StageActivations``.
     """
 
     def __init__(self, model: ModusModel, stage: int, num_stages: int, device: torch.device) -> None:
@@ -151,14 +144,11 @@ class PipelineStage(nn.Module):
             self.attention = get_attention_backend(model.cfg.attention_backend, device)
         self.collectives = model.collectives
 
-    def forward(self, micro_batch: tuple[Tensor, ...]) -> StageActivations | tuple[Tensor, Tensor]:
+    def forward(self, micro_batch: tuple[Tensor, ...]) -> StageActivations | Tensor:
         if self.is_first:
-            target_roles, *tensors = micro_batch  # stage_micro_batch's first-stage tuple
-            inputs = ModelInputs(*tensors)
+            inputs = record_from_tensors(ModelInputs, micro_batch)  # stage_micro_batch's first-stage tuple
             hidden = self.collectives.scatter(embed_inputs(self, inputs))
-            x = StageActivations(
-                hidden, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi, target_roles
-            )
+            x = StageActivations(hidden, inputs.token_type, inputs.position_ids, inputs.attn_lo, inputs.attn_hi)
         else:
             x = StageActivations(*micro_batch)
 
@@ -168,10 +158,7 @@ class PipelineStage(nn.Module):
             hidden = layer(hidden, ctx)
 
         if self.is_last:
-            ce_index = torch.nonzero(x.target_roles & ROLE_CE, as_tuple=True)[0]
-            mse_index = torch.nonzero(x.target_roles & ROLE_MSE, as_tuple=True)[0]
-            hidden = self.collectives.gather(hidden, x.token_type.numel())
-            return output_heads(self, hidden, ce_index, mse_index)
+            return self.collectives.gather(hidden, x.token_type.numel())  # [T, D]
         return x._replace(hidden=hidden)
 
     def _layer_context(self, x: StageActivations) -> LayerContext:
@@ -185,10 +172,15 @@ class PipelineStage(nn.Module):
         )  # fmt: skip
 
 
-def _labelled_loss(loss_fn: MicroBatchLoss, outputs: tuple[Tensor, Tensor], labels: tuple[Tensor, ...]) -> Tensor:
-    """DeepSpeed's ``loss_fn(outputs, labels)`` on the last stage: ``loss_fn`` of the heads' outputs and ``StageLabels``."""
-    logits, velocity = outputs
-    return loss_fn(logits, velocity, StageLabels(*labels))
+def heads_and_loss(loss_fn: MicroBatchLoss, stage: PipelineStage, hidden: Tensor, labels: tuple[Tensor, ...]) -> Tensor:
+    """DeepSpeed's ``loss_fn(outputs, labels)`` on the last stage: the heads of ``stage`` at the
+    target positions of the ``LossTargets`` loaded as ``labels``, then ``loss_fn``.
+
+    ``hidden``: the stage's output, the final hidden states [T, D].
+    """
+    targets = record_from_tensors(LossTargets, labels)
+    logits, velocity = output_heads(stage, hidden, targets.ce_index, targets.mse_index)
+    return loss_fn(logits, velocity, targets)
 
 
 class ModusPipeline(PipelineModule):
@@ -206,8 +198,9 @@ class ModusPipeline(PipelineModule):
         )
         stages = [LayerSpec(PipelineStage, model, s, ctx.pp, ctx.device) for s in range(ctx.pp)]
         deepspeed.init_distributed(ctx.backend, auto_mpi_discovery=False, verbose=False)  # wraps the running group
-        labelled = None if loss_fn is None else partial(_labelled_loss, loss_fn)
-        super().__init__(stages, topology=topology, loss_fn=labelled, partition_method="uniform")
+        super().__init__(stages, topology=topology, loss_fn=None, partition_method="uniform")
+        if loss_fn is not None and self.stage.is_last:  # the heads are the stage's modules, built just now
+            self.loss_fn = partial(heads_and_loss, loss_fn, self.stage)
         self.vocab = model.vocab
 
     @property
@@ -244,24 +237,14 @@ def build_pipeline(
     return ModusPipeline(model, ctx, loss_fn)
 
 
-def stage_micro_batch(step: StepInputs) -> tuple[tuple[Tensor, ...], StageLabels]:
+def stage_micro_batch(step: StepInputs) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """One micro-batch as DeepSpeed's pipeline loads it: (first stage's inputs, last stage's labels).
 
-    The first stage's inputs are ``target_roles`` [T] long, then every field of ``step.model``
-    in declaration order (``dataclasses.fields``: a field added to ``ModelInputs`` travels
-    without a change here). They are loaded on the first stage only, never sent between
-    stages. ``step.model`` is already in the compute dtype (``ModelInputs.in_compute_dtype``).
+    The inputs are ``step.model``'s fields, the labels ``step.targets``'s, each in declaration
+    order (``record_tensors``; the stages rebuild the records with ``record_from_tensors``).
+    ``step.model`` is already in the compute dtype (``ModelInputs.in_compute_dtype``).
     """
-    m = step.model
-    roles = torch.zeros_like(m.token_type)
-    roles[step.ce_index] |= ROLE_CE
-    roles[step.mse_index] |= ROLE_MSE
-    # The last stage recovers the positions as nonzero(roles & bit): ascending, which the labels' order must be.
-    assert torch.equal(torch.nonzero(roles & ROLE_CE, as_tuple=True)[0], step.ce_index), "ce_index must ascend"
-    assert torch.equal(torch.nonzero(roles & ROLE_MSE, as_tuple=True)[0], step.mse_index), "mse_index must ascend"
-    inputs = (roles, *(getattr(m, f.name) for f in fields(m)))
-    labels = StageLabels(step.ce_labels, step.ce_modality, step.velocity_target, step.mse_modality)
-    return inputs, labels
+    return record_tensors(step.model), record_tensors(step.targets)
 
 
 class GradClipper:

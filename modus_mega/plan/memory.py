@@ -96,12 +96,12 @@ The trainable ViT (first stage, replicated over tp) keeps per patch and layer it
 LayerNorm inputs, outputs and statistics, q, k, v, the (flash-attention) output and
 log-sum-exp, and the two GELU MLP tensors; then the post-LayerNorm and the connector. The LM head (last stage) keeps, per CE position, the bf16 logits plus
 the fp32 copy and softmax of the vocabulary-parallel cross-entropy ((b + 8) V/t; with
-pp > 1 the logits are counted among the pipe buffers, which keep them).
+pp > 1 too: there the heads run in the last stage's loss, after its pipe buffers).
 
 Pipeline: under 1F1B, stage s holds min(m, pp - s) micro-batches in flight. Each of them
 also keeps, in DeepSpeed's pipe buffers, the ``StageActivations`` that crossed a stage
-boundary: T (b D + 32) bytes (the hidden states and the integer metadata: token_type,
-position_ids, target_roles int64, attn_lo, attn_hi int32), received (s > 0) until its
+boundary: T (b D + 24) bytes (the hidden states and the integer metadata: token_type,
+position_ids int64, attn_lo, attn_hi int32), received (s > 0) until its
 gradient is sent back, sent (s < pp - 1) until its backward (``pipeline_buffers``).
 
 **Engine buffers** (DeepSpeed defaults, which ``training/engine.py`` leaves as they are,
@@ -109,12 +109,12 @@ see ``DeepSpeedSettings``): ZeRO 1/2 keep one (two with ``overlap_comm``) reduce
 of ``reduce_bucket_size`` gradients; ZeRO 3 one reduce bucket plus the gathered working
 set (the largest tensor and its gradient, and the prefetch bucket); ZeRO 0 all-reduces
 in buckets of 5e8 after the backward. A ``PipelineEngine`` (pp > 1) keeps, from its
-first step on, receive buffers (T (b D + 32) bytes on a stage that receives activations;
+first step on, receive buffers (T (b D + 24) bytes on a stage that receives activations;
 the T b D gradient of the hidden states needs its own only on the first stage, a middle
 stage receives it into its activation buffer), and it never frees what its pipe buffers
 load or the last stage computes: each of max(2, min(pp - s, m)) buffers holds the loaded
-micro-batch inputs on the first stage, the labels and the head's outputs (logits and
-velocities) on the last, until the next step overwrites them. **Transients**: the frozen VAE encodes a
+micro-batch inputs on the first stage, the labels (the loss targets) and the stage's output
+(the final hidden states, T b D) on the last, until the next step overwrites them. **Transients**: the frozen VAE encodes a
 micro-batch's images at once (about three fp32 feature maps of the first resolution
 level per image live at a time; the training loop encodes all of a step's micro-batches
 before the first forward, so no activations are in flight then); the optimizer step
@@ -457,7 +457,7 @@ def engine_buffers(shape: ModelShape, layout: Layout, precision: Precision, ds: 
 @dataclass(frozen=True)
 class MicroBatchTensors:
     """Rows of one micro-batch's tensors that a pipeline engine keeps (``parallel/pipeline.py``:
-    ``stage_micro_batch``'s inputs on the first stage, ``StageLabels`` and the head's outputs on the last)."""
+    ``stage_micro_batch``'s inputs on the first stage, its ``LossTargets`` labels and the final hidden states on the last)."""
 
     tokens: int  # T, the token budget
     vit_patches: int
@@ -485,8 +485,8 @@ class PipeBuffers:
     kept: int  # from the first step on: receive buffers, each buffer's inputs (first stage), labels and head outputs (last)
 
 
-BOUNDARY_METADATA_BYTES = 32  # per token besides the hidden state: token_type, position_ids, target_roles, attn_lo/hi
-FIRST_STAGE_TOKEN_BYTES = 40  # per token of ``stage_micro_batch``'s first-stage inputs: input_ids and the boundary metadata
+BOUNDARY_METADATA_BYTES = 24  # per token besides the hidden state: token_type, position_ids int64, attn_lo/hi int32
+FIRST_STAGE_TOKEN_BYTES = 8 + BOUNDARY_METADATA_BYTES  # per token of the first stage's ``ModelInputs``: input_ids too
 
 
 def pipe_buffer_count(layout: Layout, stage: int) -> int:
@@ -505,8 +505,8 @@ def pipeline_buffers(
     - in flight, per micro-batch (min(m, pp - s) of them): the ``StageActivations`` it
       received (s > 0; the forward runs on a clone, the original takes the gradient that is
       sent back) and the one it sent (s < pp - 1; kept with its graph for the backward),
-      each T (b D + 32) bytes (hidden states; token_type, position_ids, target_roles
-      int64; attn_lo, attn_hi int32), the hidden states only ceil(T / t) rows under
+      each T (b D + 24) bytes (hidden states; token_type, position_ids int64; attn_lo,
+      attn_hi int32), the hidden states only ceil(T / t) rows under
       sequence parallelism;
     - kept: the receive buffer (one ``StageActivations``; on the first stage the T b D
       gradient of the hidden states, which later stages receive into their activation
@@ -514,10 +514,11 @@ def pipeline_buffers(
       computed, never freed before the next step overwrites it: the first stage's
       ``stage_micro_batch``'s first-stage inputs (T int64 ids and metadata, ViT pixels in b with int64 position ids
       and int32 ``cu_seqlens``, 2D latents in b with fp32 timesteps and int64 position
-      ids), the last stage's ``StageLabels`` (int64 CE labels and modalities, velocity
-      targets in the VAE's dtype and int64 modalities) and head outputs (the logits
-      [N_ce, V/t] and velocities [N_mse, P] in b: the engine drops a forward's outputs
-      after its backward on every stage but the last, whose backward returns before that).
+      ids), the last stage's ``LossTargets`` (int64 CE positions, labels and modalities;
+      int64 MSE positions, velocity targets in the VAE's dtype and int64 modalities) and
+      its output, the final hidden states [T, D] in b (the engine drops a forward's outputs
+      after its backward on every stage but the last, whose backward returns before that;
+      the heads run in the loss, so their logits are the activations' ``working`` bytes).
     """
     if layout.pp == 1:
         return PipeBuffers(0, 0)
@@ -538,8 +539,8 @@ def pipeline_buffers(
             + t.vae_tokens * (latent * b + 4 + 8)
         )  # fmt: skip
     if last:
-        labels = 16 * t.ce_tokens + t.mse_tokens * (latent * precision.vae_bytes + 8)
-        outputs = t.ce_tokens * (shape.vocab_rows // layout.tp) * b + t.mse_tokens * latent * b
+        labels = 24 * t.ce_tokens + t.mse_tokens * (latent * precision.vae_bytes + 16)
+        outputs = t.tokens * cfg.llm.hidden_size * b  # the gathered final hidden states
         per_buffer += labels + outputs
     receive = hidden if first else boundary
     kept = receive + min(pipe_buffer_count(layout, stage), layout.grad_accum) * per_buffer
@@ -603,8 +604,7 @@ def activation_memory(shape: ModelShape, layout: Layout, mb: MicroBatch, stage: 
         per_micro_batch += vit_bytes_per_patch(shape, layout, precision) * mb.peak_vit_tokens
     if stage == layout.pp - 1:
         vocab = shape.vocab_rows / t
-        logits = b if layout.pp == 1 else 0  # pp > 1: in the pipe buffers (pipeline_buffers)
-        working += mb.peak_ce_tokens * ((logits + 8) * vocab + (4 + 2 * b) * llm.hidden_size)
+        working += mb.peak_ce_tokens * ((b + 8) * vocab + (4 + 2 * b) * llm.hidden_size)
     saved = in_flight * per_micro_batch
     # Every stage encodes, before the step's first forward (training/loop.py), so nothing is in flight then.
     encode = 3 * shape.cfg.vae.base_channels * mb.vae_pixels**2 * precision.vae_bytes * mb.peak_vae_images

@@ -125,8 +125,9 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
                 )
                 for i, mb in enumerate(micro_batches)
             ]  # fmt: skip
+            targets = [s.targets for s in steps_inputs]
             global_ce, global_mse = ctx.all_reduce_dp(
-                [sum(s.ce_index.numel() for s in steps_inputs), sum(s.mse_index.numel() for s in steps_inputs)]
+                [sum(t.ce_index.numel() for t in targets), sum(t.mse_index.numel() for t in targets)]
             )
 
             # [loss, ce_sum, mse_sum, modality sums..., modality counts...] of this rank, summed over dp below

@@ -52,17 +52,18 @@ WANDB_ID_FILE = "wandb_run_id"
 
 def micro_batch_contents(batch: PackedBatch, cfg: ModelConfig) -> tuple[MicroBatch, list[tuple[int, int]]]:
     """The planner's description of one actual packed micro-batch, and its VAE images' pixel sizes (h, w)."""
-    budget = batch.input_ids.numel()
-    vit_lengths = (batch.vit_cu_seqlens[1:] - batch.vit_cu_seqlens[:-1]).long()  # [I_vit] patches per image
+    inputs = batch.model
+    budget = inputs.input_ids.numel()
+    vit_lengths = (inputs.vit_cu_seqlens[1:] - inputs.vit_cu_seqlens[:-1]).long()  # [I_vit] patches per image
     ce_tokens = int((batch.ce_labels != IGNORE_LABEL).sum())
     cell = cfg.vae.downsample * cfg.latent_patch_size  # pixels per 2D token side
     vae_sizes = [(rows * cell, cols * cell) for rows, cols in batch.vae_grid.tolist()]
-    vit_tokens, vae_images = float(batch.vit_patches.shape[0]), float(len(vae_sizes))
+    vit_tokens, vae_images = float(inputs.vit_patches.shape[0]), float(len(vae_sizes))
     contents = MicroBatch(
         tokens=budget,
         packing_efficiency=batch.num_real_tokens / budget,
         documents=float(batch.num_documents),
-        attention_pairs=float((batch.attn_hi.long() - batch.attn_lo.long()).sum()),  # padding rows see themselves
+        attention_pairs=float((inputs.attn_hi.long() - inputs.attn_lo.long()).sum()),  # padding rows see themselves
         vit_tokens=vit_tokens,
         vit_pairs=float((vit_lengths**2).sum()),
         vae_images=vae_images,
@@ -112,7 +113,7 @@ class ThroughputMeter:
         """
         local = [
             float(sum(mb.num_real_tokens for mb in micro_batches)),
-            float(sum(mb.input_ids.numel() for mb in micro_batches)),
+            float(sum(mb.model.input_ids.numel() for mb in micro_batches)),
             sum(self.flops.micro_batch(mb) for mb in micro_batches),
         ]
         tokens, capacity, flops = self.ctx.all_reduce_dp(local)

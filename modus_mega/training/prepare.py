@@ -10,7 +10,7 @@ Shapes: T packed tokens, N_vae 2D tokens, P latent patch dim, I_vae images.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from modus_mega.data.documents import IGNORE_LABEL
 from modus_mega.data.packing import PackedBatch
 from modus_mega.encoders.vae import FluxAutoEncoder, patchify_latents
 from modus_mega.flow import interpolate, velocity_target
-from modus_mega.model.inputs import TOKEN_VAE, ModelInputs, StepInputs
+from modus_mega.model.inputs import TOKEN_VAE, LossTargets, StepInputs
 
 
 @torch.no_grad()
@@ -41,8 +41,8 @@ def prepare_step_inputs(batch: PackedBatch, vae: FluxAutoEncoder, cfg: ModelConf
     """Encode, noise and index one micro-batch (already on the training device)."""
     x0 = encode_vae_tokens(batch, vae, cfg, generator)  # [N_vae, P]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    t = batch.vae_timesteps.to(x0.dtype)
-    vae_positions = torch.nonzero(batch.token_type == TOKEN_VAE, as_tuple=True)[0]
+    t = batch.model.vae_timesteps.to(x0.dtype)
+    vae_positions = torch.nonzero(batch.model.token_type == TOKEN_VAE, as_tuple=True)[0]
     if vae_positions.numel() != x0.shape[0]:
         raise ValueError(
             f"packed batch has {vae_positions.numel()} VAE tokens but its images encode to {x0.shape[0]}: "
@@ -51,15 +51,14 @@ def prepare_step_inputs(batch: PackedBatch, vae: FluxAutoEncoder, cfg: ModelConf
     noisy = t > 0
     mse_index = vae_positions[noisy]
     ce_index = torch.nonzero(batch.ce_labels != IGNORE_LABEL, as_tuple=True)[0]
-    # Every model input the packer made passes through as it is; the 2D tokens are made here.
-    made = {"vae_tokens": interpolate(x0, noise, t), "vae_timesteps": t}
-    inputs = ModelInputs(**{f.name: made[f.name] if f.name in made else getattr(batch, f.name) for f in fields(ModelInputs)})
     return StepInputs(
-        model=inputs,
-        ce_index=ce_index,
-        ce_labels=batch.ce_labels[ce_index],
-        ce_modality=batch.modality_ids[ce_index],
-        mse_index=mse_index,
-        velocity_target=velocity_target(x0, noise)[noisy],
-        mse_modality=batch.modality_ids[mse_index],
+        model=replace(batch.model, vae_tokens=interpolate(x0, noise, t), vae_timesteps=t),  # the packer's, 2D tokens made
+        targets=LossTargets(
+            ce_index=ce_index,
+            ce_labels=batch.ce_labels[ce_index],
+            ce_modality=batch.modality_ids[ce_index],
+            mse_index=mse_index,
+            velocity_target=velocity_target(x0, noise)[noisy],
+            mse_modality=batch.modality_ids[mse_index],
+        ),
     )

@@ -47,8 +47,8 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from torch import Tensor
 
 from modus_mega.config import ModusConfig, TrainingConfig
-from modus_mega.losses import NUM_LOSS_SUMS, CrossEntropyFn, LossTargets, loss_sums, modus_loss
-from modus_mega.model.inputs import StepInputs
+from modus_mega.losses import NUM_LOSS_SUMS, CrossEntropyFn, loss_sums, modus_loss
+from modus_mega.model.inputs import LossTargets, StepInputs
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.pipeline import GradClipper, stage_micro_batch
 from modus_mega.training.failures import NonFiniteGuard
@@ -147,8 +147,8 @@ class EagerStep:
         self.loss.begin_step(global_counts)
         for micro in micro_batches:
             with self.autocast():
-                logits, velocity = self.engine(micro.model.in_compute_dtype(self.compute_dtype), micro.ce_index, micro.mse_index)
-            loss = self.loss(logits, velocity, micro)
+                logits, velocity = self.engine(micro.model.in_compute_dtype(self.compute_dtype), micro.targets.ce_index, micro.targets.mse_index)
+            loss = self.loss(logits, velocity, micro.targets)
             del logits, velocity  # not alive through the next micro-batch's forward
             self.engine.backward(loss, scale_wrt_gas=False)
             if self.own_clip is not None and self.engine.is_gradient_accumulation_boundary():
@@ -161,8 +161,8 @@ class EagerStep:
     def evaluate(self, micro_batches: list[StepInputs], global_counts: tuple[int, int]) -> Tensor:
         self.loss.begin_step(global_counts, training=False)
         for micro in micro_batches:
-            logits, velocity = self.engine(micro.model.in_compute_dtype(self.compute_dtype), micro.ce_index, micro.mse_index)
-            self.loss(logits, velocity, micro)
+            logits, velocity = self.engine(micro.model.in_compute_dtype(self.compute_dtype), micro.targets.ce_index, micro.targets.mse_index)
+            self.loss(logits, velocity, micro.targets)
         return self.loss.step_sums(self.engine.device).cpu()
 
     def grad_norm(self) -> float:

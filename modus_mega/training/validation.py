@@ -92,7 +92,7 @@ class Validation:
         """
         micro = self.micro_batches(engine)
         global_ce, global_mse = self.ctx.all_reduce_dp(
-            [sum(m.ce_index.numel() for m in micro), sum(m.mse_index.numel() for m in micro)]
+            [sum(m.targets.ce_index.numel() for m in micro), sum(m.targets.mse_index.numel() for m in micro)]
         )
         sums = engine.evaluate(micro, (int(global_ce), int(global_mse)))  # [NUM_LOSS_SUMS] of this dp rank
         totals = self.ctx.all_reduce_dp(sums.tolist())

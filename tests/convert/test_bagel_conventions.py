@@ -88,9 +88,9 @@ def test_two_packed_samples_restart_positions_and_hide_the_noise_split(setup) ->
     g = TokenGeometry.of(cfg.model)
     batch = Packer(64, g.vit_patch, g.vit_max_side, g.vae_cell, cfg.model.max_latent_size).collate([first, second])
     n1, n2 = len(first), len(second)
-    assert batch.position_ids[: n1 + n2].tolist() == first.position_ids + second.position_ids
-    assert batch.position_ids[n1] == 0
-    assert batch.vae_timesteps[:4].gt(0).all() and batch.vae_timesteps[4:].eq(0).all()
+    assert batch.model.position_ids[: n1 + n2].tolist() == first.position_ids + second.position_ids
+    assert batch.model.position_ids[n1] == 0
+    assert batch.model.vae_timesteps[:4].gt(0).all() and batch.model.vae_timesteps[4:].eq(0).all()
     noise = range(5, 11)  # the noisy split of the first sample, markers included
-    assert batch.attn_lo[noise].eq(5).all() and batch.attn_hi[noise].eq(11).all()
-    assert batch.attn_hi[:5].eq(n1).all()  # the first sample's text is seen to the end of its sample only
+    assert batch.model.attn_lo[noise].eq(5).all() and batch.model.attn_hi[noise].eq(11).all()
+    assert batch.model.attn_hi[:5].eq(n1).all()  # the first sample's text is seen to the end of its sample only

@@ -43,9 +43,9 @@ def forward(cfg, batch, model: ModusModel, vae: FluxAutoEncoder) -> tuple[torch.
     """Logits and velocities on ``batch`` (text, ViT, clean and noisy VAE tokens), its images encoded by ``vae``."""
     step = prepare_step_inputs(batch, vae, cfg.model, torch.Generator().manual_seed(0))
     types = set(step.model.token_type.tolist())
-    assert types == {0, 1, 2} and step.mse_index.numel() > 0 and step.ce_index.numel() > 0
+    assert types == {0, 1, 2} and step.targets.mse_index.numel() > 0 and step.targets.ce_index.numel() > 0
     with torch.no_grad():
-        return model(step.model, step.ce_index, step.mse_index)
+        return model(step.model, step.targets.ce_index, step.targets.mse_index)
 
 
 def test_text_only_bagel_export_is_bit_identical_to_the_input(chain) -> None:

@@ -91,10 +91,10 @@ def test_packing_lays_documents_back_to_back(tiny_config) -> None:
     assert sum(b.num_documents for b in batches) == len(docs)
     assert sum(b.num_real_tokens for b in batches) == sum(len(d) for d in docs)
     for batch in batches:
-        assert batch.input_ids.numel() == budget
-        assert (batch.token_type == TOKEN_VAE).sum() == batch.vae_timesteps.numel() == batch.vae_position_ids.numel()
-        assert (batch.token_type == TOKEN_VIT).sum() == batch.vit_patches.shape[0] == int(batch.vit_cu_seqlens[-1])
-        assert batch.vae_grid.prod(dim=1).sum() == batch.vae_timesteps.numel()
+        assert batch.model.input_ids.numel() == budget
+        assert (batch.model.token_type == TOKEN_VAE).sum() == batch.model.vae_timesteps.numel() == batch.model.vae_position_ids.numel()
+        assert (batch.model.token_type == TOKEN_VIT).sum() == batch.model.vit_patches.shape[0] == int(batch.model.vit_cu_seqlens[-1])
+        assert batch.vae_grid.prod(dim=1).sum() == batch.model.vae_timesteps.numel()
     efficiency = sum(b.num_real_tokens for b in batches[:-1]) / (budget * max(1, len(batches) - 1))
     assert efficiency > 0.8
 
@@ -107,7 +107,7 @@ def test_packed_mask_is_the_dense_rule_with_private_padding(tiny_config) -> None
     expected = torch.eye(budget, dtype=torch.bool)
     real = batch.num_real_tokens
     expected[:real, :real] = dense_mask_from_layout([d.layout for d in docs])
-    assert torch.equal(dense_mask_from_lo_hi(batch.attn_lo, batch.attn_hi), expected)
+    assert torch.equal(dense_mask_from_lo_hi(batch.model.attn_lo, batch.model.attn_hi), expected)
 
 
 def test_overlong_documents_are_dropped_and_counted(tiny_config) -> None:

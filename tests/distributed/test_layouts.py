@@ -70,13 +70,13 @@ def _serial_worker(raw: dict, out: str) -> None:
             loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, model.vocab, dp_rank, 2)
             batch = next(iter(loader))
             inputs.append(prepare_step_inputs(batch, vae, cfg.model, micro_batch_generator(cfg.training.seed, 0, dp_rank, ctx.device)))
-        num_ce = sum(i.ce_index.numel() for i in inputs)
-        num_mse = sum(i.mse_index.numel() for i in inputs)
+        num_ce = sum(i.targets.ce_index.numel() for i in inputs)
+        num_mse = sum(i.targets.mse_index.numel() for i in inputs)
         loss = 0.0
         for i in inputs:
-            logits, velocity = model(i.model, i.ce_index, i.mse_index)
+            logits, velocity = model(i.model, i.targets.ce_index, i.targets.mse_index)
             terms = modus_loss(
-                logits, i.ce_labels, i.ce_modality, velocity, i.velocity_target, i.mse_modality, num_ce, num_mse
+                logits, i.targets.ce_labels, i.targets.ce_modality, velocity, i.targets.velocity_target, i.targets.mse_modality, num_ce, num_mse
             )
             terms.loss.backward()
             loss += terms.loss.item()

@@ -41,10 +41,10 @@ def _loss_grads_saved(
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits, velocity = model(inputs.model, inputs.ce_index, inputs.mse_index)
+        logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
         terms = modus_loss(
-            logits, inputs.ce_labels, inputs.ce_modality, velocity, inputs.velocity_target, inputs.mse_modality,
-            inputs.ce_index.numel(), inputs.mse_index.numel(), cross_entropy=cross_entropy_fn(ctx),
+            logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target, inputs.targets.mse_modality,
+            inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel(), cross_entropy=cross_entropy_fn(ctx),
         )  # fmt: skip
     terms.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -68,7 +68,7 @@ def serial_runs() -> dict[str, tuple[float, dict[str, torch.Tensor], int]]:
     try:
         probe = build_model(cfg, ctx)
         inputs = step_inputs(copy.deepcopy(cfg), probe.vocab, num_samples=4, seed=0)
-        assert inputs.ce_index.numel() and inputs.mse_index.numel(), "the micro-batch needs 1D and 2D targets"
+        assert inputs.targets.ce_index.numel() and inputs.targets.mse_index.numel(), "the micro-batch needs 1D and 2D targets"
         variants = {"none": ("none", 0), "full": ("full", 0), "first": ("full", 1)}
         return {name: _loss_grads_saved(_with(cfg, *v), ctx, inputs) for name, v in variants.items()}
     finally:

@@ -76,10 +76,10 @@ def _twin(cfg: ModusConfig, ctx: ParallelContext, name: str) -> ModusModel:
 
 
 def _loss(model: ModusModel, inputs, ce) -> torch.Tensor:
-    logits, velocity = model(inputs.model, inputs.ce_index, inputs.mse_index)
+    logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
     terms = modus_loss(
-        logits, inputs.ce_labels, inputs.ce_modality, velocity, inputs.velocity_target, inputs.mse_modality,
-        inputs.ce_index.numel(), inputs.mse_index.numel(), cross_entropy=ce,
+        logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target, inputs.targets.mse_modality,
+        inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel(), cross_entropy=ce,
     )  # fmt: skip
     return terms.loss
 
@@ -97,8 +97,8 @@ def _model_worker(raw: dict, out: str) -> None:
         loss.backward()
         result = {
             "num_tokens": inputs.model.token_type.numel(),
-            "num_ce": inputs.ce_index.numel(),
-            "num_mse": inputs.mse_index.numel(),
+            "num_ce": inputs.targets.ce_index.numel(),
+            "num_mse": inputs.targets.mse_index.numel(),
             "serial": (loss.item(), {n: p.grad.clone() for n, p in serial.named_parameters() if p.grad is not None}),
         }
         for name in TWINS:

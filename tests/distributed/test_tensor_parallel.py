@@ -32,10 +32,10 @@ TP = 2
 
 
 def _loss(model: ModusModel, inputs, ce) -> torch.Tensor:
-    logits, velocity = model(inputs.model, inputs.ce_index, inputs.mse_index)
+    logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
     terms = modus_loss(
-        logits, inputs.ce_labels, inputs.ce_modality, velocity, inputs.velocity_target, inputs.mse_modality,
-        inputs.ce_index.numel(), inputs.mse_index.numel(), cross_entropy=ce,
+        logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target, inputs.targets.mse_modality,
+        inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel(), cross_entropy=ce,
     )  # fmt: skip
     return terms.loss
 
@@ -60,8 +60,8 @@ def _worker(raw: dict, out: str) -> None:
 
         params = dict(tp_model.named_parameters())
         result = {
-            "num_ce": inputs.ce_index.numel(),
-            "num_mse": inputs.mse_index.numel(),
+            "num_ce": inputs.targets.ce_index.numel(),
+            "num_mse": inputs.targets.mse_index.numel(),
             "serial_loss": serial_loss.item(),
             "tp_loss": tp_loss.item(),
             "serial": {n: (p.detach().clone(), None if p.grad is None else p.grad.clone()) for n, p in serial.named_parameters()},

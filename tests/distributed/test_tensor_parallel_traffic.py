@@ -91,7 +91,7 @@ def _worker(raw: dict, out: str) -> None:
             "tokens": token_type.numel(),
             "vit_tokens": int((token_type == TOKEN_VIT).sum()),
             "vae_tokens": int((token_type == TOKEN_VAE).sum()),
-            "ce_tokens": inputs.ce_index.numel(),
+            "ce_tokens": inputs.targets.ce_index.numel(),
         }
         for sp, recompute, frozen in VARIANTS:
             variant = dataclasses.replace(ctx, sequence_parallel=sp)
@@ -106,10 +106,10 @@ def _worker(raw: dict, out: str) -> None:
             apply_activation_checkpointing(model, ParallelConfig(recompute=recompute))
             log: list[tuple[str, int, int]] = []
             with recording(log):
-                logits, velocity = model(inputs.model, inputs.ce_index, inputs.mse_index)
+                logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
                 modus_loss(
-                    logits, inputs.ce_labels, inputs.ce_modality, velocity, inputs.velocity_target, inputs.mse_modality,
-                    inputs.ce_index.numel(), inputs.mse_index.numel(), cross_entropy=cross_entropy_fn(variant),
+                    logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target, inputs.targets.mse_modality,
+                    inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel(), cross_entropy=cross_entropy_fn(variant),
                 ).loss.backward()  # fmt: skip
             result[_name(sp, recompute, frozen)] = log
         if ctx.rank == 0:

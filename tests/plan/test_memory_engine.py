@@ -248,10 +248,10 @@ def _run_micro_batches(cfg: Any, ctx: ParallelContext, ds_engine: Any, vae: Any,
         inputs = prepare_step_inputs(next(loader), vae, cfg.model, generator)
         inputs.model.vit_patches = inputs.model.vit_patches.to(dtype)
         inputs.model.vae_tokens = inputs.model.vae_tokens.to(dtype)
-        num_ce, num_mse = ctx.all_reduce_dp([inputs.ce_index.numel(), inputs.mse_index.numel()])
-        logits, velocity = ds_engine(inputs.model, inputs.ce_index, inputs.mse_index)
+        num_ce, num_mse = ctx.all_reduce_dp([inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel()])
+        logits, velocity = ds_engine(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
         terms = modus_loss(
-            logits, inputs.ce_labels, inputs.ce_modality, velocity, inputs.velocity_target, inputs.mse_modality,
+            logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target, inputs.targets.mse_modality,
             int(num_ce), int(num_mse), cross_entropy=cross_entropy,
         )  # fmt: skip
         ds_engine.backward(terms.loss * ctx.dp, scale_wrt_gas=False)
@@ -281,14 +281,14 @@ def _run_pipeline(
     """pp > 1: two optimizer steps of ``train_batch``; in the second, the pipe buffers after every
     instruction and a snapshot after each backward and after the reduction (module docstring)."""
     loader = PackedLoader(cfg.data, cfg.training.timesteps, cfg.model, ds_engine.module.vocab, ctx.dp_rank, ctx.dp)
-    batch = next(b for b in loader if (b.ce_labels != IGNORE_LABEL).any() and (b.vae_timesteps > 0).any())
+    batch = next(b for b in loader if (b.ce_labels != IGNORE_LABEL).any() and (b.model.vae_timesteps > 0).any())
     steps = [
         prepare_step_inputs(
             batch, vae, cfg.model, micro_batch_generator(cfg.training.seed, 0, ctx.dp_rank * ACCUMULATION + micro, ctx.device)
         )
         for micro in range(ACCUMULATION)
     ]  # fmt: skip
-    num_ce, num_mse = ctx.all_reduce_dp([sum(s.ce_index.numel() for s in steps), sum(s.mse_index.numel() for s in steps)])
+    num_ce, num_mse = ctx.all_reduce_dp([sum(s.targets.ce_index.numel() for s in steps), sum(s.targets.mse_index.numel() for s in steps)])
     snapshots: list[Snapshot] = []
     roles: list[dict[str, int]] = []
     measuring = False
@@ -310,8 +310,8 @@ def _run_pipeline(
         vit_patches=model.vit_patches.shape[0],
         vit_images=model.vit_cu_seqlens.numel() - 1,
         vae_tokens=model.vae_tokens.shape[0],
-        ce_tokens=steps[0].ce_index.numel(),
-        mse_tokens=steps[0].mse_index.numel(),
+        ce_tokens=steps[0].targets.ce_index.numel(),
+        mse_tokens=steps[0].targets.mse_index.numel(),
     )
     pipe = {role: max(r[role] for r in roles) for role in roles[0]}
     return snapshots, {"pipe": pipe, "micro_batch": dataclasses.asdict(tensors)}

@@ -59,17 +59,17 @@ def test_tokens_outside_the_target_get_zero_gradient(tiny_config) -> None:
     model = ModusModel(tiny_config.model)
     init_weights(model, seed=3, std=0.1)
     batch = step_inputs(tiny_config, model.vocab, num_samples=6)
-    assert batch.ce_index.numel() and batch.mse_index.numel(), "need both target families"
+    assert batch.targets.ce_index.numel() and batch.targets.mse_index.numel(), "need both target families"
     ctx = model.build_context(batch.model)
     hidden = model.decode(model.embed(batch.model), ctx).detach().requires_grad_(True)
-    logits, velocity = model.heads(hidden, batch.ce_index, batch.mse_index)
+    logits, velocity = model.heads(hidden, batch.targets.ce_index, batch.targets.mse_index)
     out = modus_loss(
-        logits, batch.ce_labels, batch.ce_modality, velocity + 0.1, batch.velocity_target, batch.mse_modality,
-        batch.ce_index.numel(), batch.mse_index.numel(),
+        logits, batch.targets.ce_labels, batch.targets.ce_modality, velocity + 0.1, batch.targets.velocity_target, batch.targets.mse_modality,
+        batch.targets.ce_index.numel(), batch.targets.mse_index.numel(),
     )  # fmt: skip
     out.loss.backward()
     supervised = torch.zeros(hidden.shape[0], dtype=torch.bool)
-    supervised[batch.ce_index] = True
-    supervised[batch.mse_index] = True
+    supervised[batch.targets.ce_index] = True
+    supervised[batch.targets.mse_index] = True
     assert torch.all(hidden.grad[~supervised] == 0)
     assert torch.all(hidden.grad[supervised].abs().sum(dim=1) > 0)

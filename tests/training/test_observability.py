@@ -38,17 +38,17 @@ def test_micro_batch_flops_match_an_independent_count(tiny_config: ModusConfig) 
     vae = FluxAutoEncoder(cfg.model.vae)
     batch = packed_batch(copy.deepcopy(cfg), model.vocab, num_samples=4, seed=0)
     real = batch.num_real_tokens
-    assert 0 < real < batch.input_ids.numel() and batch.vae_images.shape[0] and batch.vit_patches.shape[0]
+    assert 0 < real < batch.model.input_ids.numel() and batch.vae_images.shape[0] and batch.model.vit_patches.shape[0]
 
     llm = cfg.model.llm
     expert = model.layers[0].experts[0]
     mlp = expert.mlp
     linears = (expert.q_proj, expert.k_proj, expert.v_proj, expert.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     active = llm.num_layers * sum(m.weight.numel() for m in linears)
-    pairs = int(dense_mask_from_lo_hi(batch.attn_lo, batch.attn_hi)[:real, :real].sum())  # documents come first
+    pairs = int(dense_mask_from_lo_hi(batch.model.attn_lo, batch.model.attn_hi)[:real, :real].sum())  # documents come first
     num_ce = int((batch.ce_labels != IGNORE_LABEL).sum())
     vit_forward = _forward_flops(
-        lambda: model.connector(model.vit(batch.vit_patches, batch.vit_position_ids, batch.vit_cu_seqlens))
+        lambda: model.connector(model.vit(batch.model.vit_patches, batch.model.vit_position_ids, batch.model.vit_cu_seqlens))
     )
     cell = cfg.model.vae.downsample * cfg.model.latent_patch_size
     vae_forward = sum(

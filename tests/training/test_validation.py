@@ -67,14 +67,15 @@ def test_validation_is_the_training_loss_without_the_update(tiny_config: ModusCo
         validation = Validation(cfg, ctx, build_vocabulary(cfg.model.vocab))
         micro = validation.micro_batches(engine)
         assert len(micro) == NUM_VAL_SHARDS * cfg.training.eval_batches
-        counts = (sum(m.ce_index.numel() for m in micro), sum(m.mse_index.numel() for m in micro))
+        counts = (sum(m.targets.ce_index.numel() for m in micro), sum(m.targets.mse_index.numel() for m in micro))
         assert min(counts) > 0  # both terms are exercised
         before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
 
         evaluated = engine.evaluate(micro, counts)
         assert all(torch.equal(p, before[n]) for n, p in engine.model.named_parameters())
-        with_mse = next(m for m in micro if m.mse_index.numel())
-        poisoned = replace(with_mse, velocity_target=torch.full_like(with_mse.velocity_target, float("nan")))
+        with_mse = next(m for m in micro if m.targets.mse_index.numel())
+        nan_targets = torch.full_like(with_mse.targets.velocity_target, float("nan"))
+        poisoned = replace(with_mse, targets=replace(with_mse.targets, velocity_target=nan_targets))
         assert engine.evaluate([poisoned], counts)[0].isnan()
         assert engine.gate.end_step().ok  # a non-finite validation loss is no verdict on a training step
         again = engine.evaluate(validation.micro_batches(engine), counts)  # rebuilt readers, same noise
