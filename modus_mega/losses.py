@@ -19,10 +19,30 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modus_mega.modalities import MODALITY_NAMES, NUM_MODALITIES
-from modus_mega.model.inputs import LossTargets
 
 # (logits [N, V], labels [N]) -> per-token loss [N]; the vocab-parallel version lives in parallel/.
 CrossEntropyFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class LossTargets:
+    """What one micro-batch's loss needs besides the heads' outputs: its target positions and targets.
+
+    The positions are where the heads run (``ModusModel.heads``); both ascend.
+    """
+
+    ce_index: Tensor  # [N_ce] long: positions whose next token is a 1D target token
+    ce_labels: Tensor  # [N_ce] long: that token
+    ce_modality: Tensor  # [N_ce] long: its target modality
+    mse_index: Tensor  # [N_mse] long: positions of noisy 2D target tokens
+    velocity_target: Tensor  # [N_mse, P]: eps - x0 of each
+    mse_modality: Tensor  # [N_mse] long
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(N_ce, N_mse): this micro-batch's CE and MSE target tokens."""
+        return self.ce_index.numel(), self.mse_index.numel()
+
 
 
 # (logits [N_ce, V], velocity [N_mse, P], targets) -> the scalar a step back-propagates for one micro-batch.
@@ -50,31 +70,29 @@ class LossBreakdown:
 
 def modus_loss(
     logits: Tensor,
-    labels: Tensor,
-    ce_modality: Tensor,
     velocity: Tensor,
-    velocity_target: Tensor,
-    mse_modality: Tensor,
+    targets: LossTargets,
     global_num_ce: int,
     global_num_mse: int,
     ce_weight: float = 1.0,
     mse_weight: float = 1.0,
     cross_entropy: CrossEntropyFn = serial_cross_entropy,
 ) -> LossBreakdown:
-    """Weighted CE + MSE over target tokens.
+    """Weighted CE + MSE over one micro-batch's target tokens.
 
-    logits [N_ce, V], labels / ce_modality [N_ce]; velocity / velocity_target [N_mse, P],
-    mse_modality [N_mse]. ``global_num_*`` count target tokens over the whole global
-    batch; a zero count (no such target anywhere) makes that term exactly zero.
+    logits [N_ce, V] and velocity [N_mse, P]: the heads' outputs at ``targets``' positions
+    (``ce_labels`` / ``ce_modality`` [N_ce], ``velocity_target`` [N_mse, P], ``mse_modality``
+    [N_mse]). ``global_num_*`` count target tokens over the whole global batch; a zero
+    count (no such target anywhere) makes that term exactly zero.
     """
-    ce_tokens = cross_entropy(logits, labels)  # [N_ce]
-    mse_tokens = (velocity.float() - velocity_target.float()).pow(2).mean(dim=-1)  # [N_mse]
+    ce_tokens = cross_entropy(logits, targets.ce_labels)  # [N_ce]
+    mse_tokens = (velocity.float() - targets.velocity_target.float()).pow(2).mean(dim=-1)  # [N_mse]
     ce = ce_tokens.sum() / max(global_num_ce, 1)
     mse = mse_tokens.sum() / max(global_num_mse, 1)
     loss = ce_weight * ce + mse_weight * mse
 
     per_token = torch.cat([ce_tokens.detach(), mse_tokens.detach()])
-    modality = torch.cat([ce_modality, mse_modality]).long()
+    modality = torch.cat([targets.ce_modality, targets.mse_modality]).long()
     modality_sum = torch.zeros(NUM_MODALITIES, device=per_token.device).index_add_(0, modality, per_token)
     modality_count = torch.bincount(modality, minlength=NUM_MODALITIES)
     return LossBreakdown(

@@ -14,6 +14,8 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import Tensor
 
+from modus_mega.losses import LossTargets
+
 TOKEN_TEXT, TOKEN_VIT, TOKEN_VAE = 0, 1, 2
 
 R = TypeVar("R")
@@ -35,7 +37,8 @@ def record_from_tensors(cls: type[R], tensors: tuple[Tensor, ...] | list[Tensor]
 
 def map_tensors(record: R, fn: Callable[[Tensor], Tensor]) -> R:
     """A copy of the dataclass ``record`` with ``fn`` applied to each tensor field (other fields kept)."""
-    return replace(record, **{f.name: fn(v) for f in fields(record) if isinstance(v := getattr(record, f.name), Tensor)})  # type: ignore[arg-type]
+    tensors = {f.name: v for f in fields(record) if isinstance(v := getattr(record, f.name), Tensor)}  # type: ignore[arg-type]
+    return replace(record, **{name: fn(v) for name, v in tensors.items()})  # type: ignore[type-var]
 
 
 def expert_ids_of(token_type: Tensor) -> Tensor:
@@ -78,23 +81,13 @@ class ModelInputs:
 
 
 @dataclass
-class LossTargets:
-    """What one micro-batch's loss needs besides the heads' outputs: its target positions and targets.
-
-    The positions are where the heads run (``ModusModel.heads``); both ascend.
-    """
-
-    ce_index: Tensor  # [N_ce] long: positions whose next token is a 1D target token
-    ce_labels: Tensor  # [N_ce] long: that token
-    ce_modality: Tensor  # [N_ce] long: its target modality
-    mse_index: Tensor  # [N_mse] long: positions of noisy 2D target tokens
-    velocity_target: Tensor  # [N_mse, P]: eps - x0 of each
-    mse_modality: Tensor  # [N_mse] long
-
-
-@dataclass
 class StepInputs:
     """One micro-batch of a training step: the model's inputs and the loss's targets (``training/prepare.py``)."""
 
     model: ModelInputs
     targets: LossTargets
+
+
+def target_counts(micro_batches: list[StepInputs]) -> list[int]:
+    """[N_ce, N_mse] summed over ``micro_batches``: this rank's share of a batch's target counts."""
+    return [sum(m.targets.counts[i] for m in micro_batches) for i in (0, 1)]

@@ -60,8 +60,8 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import Tensor, nn
 
 from modus_mega.config import ModusConfig
-from modus_mega.losses import MicroBatchLoss
-from modus_mega.model.inputs import LossTargets, ModelInputs, StepInputs, record_from_tensors, record_tensors
+from modus_mega.losses import LossTargets, MicroBatchLoss
+from modus_mega.model.inputs import ModelInputs, StepInputs, record_from_tensors, record_tensors
 from modus_mega.model.layers import LinearFactory
 from modus_mega.model.modus import ModusModel, embed_inputs, output_heads
 from modus_mega.model.mot import LayerContext

@@ -36,6 +36,7 @@ from modus_mega.host_memory import keep_freed_blocks_in_heap
 from modus_mega.losses import NUM_LOSS_SUMS, loss_means
 from modus_mega.modalities import MODALITY_NAMES
 from modus_mega.modalities.faults import SkipReason
+from modus_mega.model.inputs import target_counts
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.watchdog import Watchdog
 from modus_mega.seeding import derive_seed
@@ -125,10 +126,7 @@ def train(cfg: ModusConfig, ctx: ParallelContext) -> RunResult:
                 )
                 for i, mb in enumerate(micro_batches)
             ]  # fmt: skip
-            targets = [s.targets for s in steps_inputs]
-            global_ce, global_mse = ctx.all_reduce_dp(
-                [sum(t.ce_index.numel() for t in targets), sum(t.mse_index.numel() for t in targets)]
-            )
+            global_ce, global_mse = ctx.all_reduce_dp(target_counts(steps_inputs))
 
             # [loss, ce_sum, mse_sum, modality sums..., modality counts...] of this rank, summed over dp below
             sums = engine.train_step(steps_inputs, (int(global_ce), int(global_mse)))

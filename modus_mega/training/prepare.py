@@ -20,7 +20,8 @@ from modus_mega.data.documents import IGNORE_LABEL
 from modus_mega.data.packing import PackedBatch
 from modus_mega.encoders.vae import FluxAutoEncoder, patchify_latents
 from modus_mega.flow import interpolate, velocity_target
-from modus_mega.model.inputs import TOKEN_VAE, LossTargets, StepInputs
+from modus_mega.losses import LossTargets
+from modus_mega.model.inputs import TOKEN_VAE, StepInputs
 
 
 @torch.no_grad()

@@ -47,8 +47,8 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from torch import Tensor
 
 from modus_mega.config import ModusConfig, TrainingConfig
-from modus_mega.losses import NUM_LOSS_SUMS, CrossEntropyFn, loss_sums, modus_loss
-from modus_mega.model.inputs import LossTargets, StepInputs
+from modus_mega.losses import NUM_LOSS_SUMS, CrossEntropyFn, LossTargets, loss_sums, modus_loss
+from modus_mega.model.inputs import StepInputs
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.pipeline import GradClipper, stage_micro_batch
 from modus_mega.training.failures import NonFiniteGuard
@@ -101,10 +101,8 @@ class StepLoss:
         self.training = training
 
     def __call__(self, logits: Tensor, velocity: Tensor, targets: LossTargets) -> Tensor:
-        terms = modus_loss(
-            logits, targets.ce_labels, targets.ce_modality, velocity, targets.velocity_target, targets.mse_modality,
-            *self.global_counts, self.ce_weight, self.mse_weight, cross_entropy=self.cross_entropy,
-        )  # fmt: skip
+        weights = (self.ce_weight, self.mse_weight)
+        terms = modus_loss(logits, velocity, targets, *self.global_counts, *weights, cross_entropy=self.cross_entropy)
         self.sums.append(loss_sums(terms))
         if not self.training:
             return terms.loss
@@ -147,7 +145,7 @@ class EagerStep:
         self.loss.begin_step(global_counts)
         for micro in micro_batches:
             with self.autocast():
-                logits, velocity = self.engine(micro.model.in_compute_dtype(self.compute_dtype), micro.targets.ce_index, micro.targets.mse_index)
+                logits, velocity = self._forward(micro)
             loss = self.loss(logits, velocity, micro.targets)
             del logits, velocity  # not alive through the next micro-batch's forward
             self.engine.backward(loss, scale_wrt_gas=False)
@@ -161,9 +159,14 @@ class EagerStep:
     def evaluate(self, micro_batches: list[StepInputs], global_counts: tuple[int, int]) -> Tensor:
         self.loss.begin_step(global_counts, training=False)
         for micro in micro_batches:
-            logits, velocity = self.engine(micro.model.in_compute_dtype(self.compute_dtype), micro.targets.ce_index, micro.targets.mse_index)
+            logits, velocity = self._forward(micro)
             self.loss(logits, velocity, micro.targets)
         return self.loss.step_sums(self.engine.device).cpu()
+
+    def _forward(self, micro: StepInputs) -> tuple[Tensor, Tensor]:
+        """The heads' outputs (logits [N_ce, V/tp], velocity [N_mse, P]) at the targets' positions."""
+        targets = micro.targets
+        return self.engine(micro.model.in_compute_dtype(self.compute_dtype), targets.ce_index, targets.mse_index)
 
     def grad_norm(self) -> float:
         if self.own_clip is not None:

@@ -35,7 +35,7 @@ import torch
 from modus_mega.config import ModusConfig
 from modus_mega.data.loader import PackedLoader
 from modus_mega.losses import loss_means
-from modus_mega.model.inputs import StepInputs
+from modus_mega.model.inputs import StepInputs, target_counts
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.seeding import derive_seed
 from modus_mega.training.engine import TrainEngine
@@ -91,9 +91,7 @@ class Validation:
         A collective over every rank (counts and sums are all-reduced over dp).
         """
         micro = self.micro_batches(engine)
-        global_ce, global_mse = self.ctx.all_reduce_dp(
-            [sum(m.targets.ce_index.numel() for m in micro), sum(m.targets.mse_index.numel() for m in micro)]
-        )
+        global_ce, global_mse = self.ctx.all_reduce_dp(target_counts(micro))
         sums = engine.evaluate(micro, (int(global_ce), int(global_mse)))  # [NUM_LOSS_SUMS] of this dp rank
         totals = self.ctx.all_reduce_dp(sums.tolist())
         means = loss_means(totals, global_ce, global_mse)

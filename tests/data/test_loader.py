@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 
 import pytest
 import torch
@@ -23,9 +23,17 @@ def take(loader: PackedLoader, n: int) -> list:
 def assert_same_batches(a: list, b: list) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        for f in fields(x):
-            u, v = getattr(x, f.name), getattr(y, f.name)
-            assert torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v, f.name
+        _assert_same_record(x, y)
+
+
+def _assert_same_record(x, y, path: str = "") -> None:
+    """Every field equal, records within records (the batch's ``ModelInputs``) field by field."""
+    for f in fields(x):
+        u, v = getattr(x, f.name), getattr(y, f.name)
+        if is_dataclass(u):
+            _assert_same_record(u, v, f"{path}{f.name}.")
+        else:
+            assert torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v, path + f.name
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

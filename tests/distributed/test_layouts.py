@@ -75,9 +75,7 @@ def _serial_worker(raw: dict, out: str) -> None:
         loss = 0.0
         for i in inputs:
             logits, velocity = model(i.model, i.targets.ce_index, i.targets.mse_index)
-            terms = modus_loss(
-                logits, i.targets.ce_labels, i.targets.ce_modality, velocity, i.targets.velocity_target, i.targets.mse_modality, num_ce, num_mse
-            )
+            terms = modus_loss(logits, velocity, i.targets, num_ce, num_mse)
             terms.loss.backward()
             loss += terms.loss.item()
         grad_norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm().item()

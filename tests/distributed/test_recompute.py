@@ -43,8 +43,7 @@ def _loss_grads_saved(
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
         terms = modus_loss(
-            logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target, inputs.targets.mse_modality,
-            inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel(), cross_entropy=cross_entropy_fn(ctx),
+            logits, velocity, inputs.targets, *inputs.targets.counts, cross_entropy=cross_entropy_fn(ctx),
         )  # fmt: skip
     terms.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

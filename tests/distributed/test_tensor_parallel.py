@@ -34,8 +34,7 @@ TP = 2
 def _loss(model: ModusModel, inputs, ce) -> torch.Tensor:
     logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
     terms = modus_loss(
-        logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target, inputs.targets.mse_modality,
-        inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel(), cross_entropy=ce,
+        logits, velocity, inputs.targets, *inputs.targets.counts, cross_entropy=ce,
     )  # fmt: skip
     return terms.loss
 

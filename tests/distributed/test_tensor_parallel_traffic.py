@@ -108,8 +108,7 @@ def _worker(raw: dict, out: str) -> None:
             with recording(log):
                 logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
                 modus_loss(
-                    logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target, inputs.targets.mse_modality,
-                    inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel(), cross_entropy=cross_entropy_fn(variant),
+                    logits, velocity, inputs.targets, *inputs.targets.counts, cross_entropy=cross_entropy_fn(variant),
                 ).loss.backward()  # fmt: skip
             result[_name(sp, recompute, frozen)] = log
         if ctx.rank == 0:

@@ -50,8 +50,7 @@ def _train(model: ModusModel, vae: FluxAutoEncoder, loader: PackedLoader, cfg: M
     for step in range(STEPS):
         inputs = prepare_step_inputs(next(batches), vae, cfg.model, torch.Generator().manual_seed(step))
         logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index, ReferenceAttention())
-        terms = modus_loss(logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target,
-                           inputs.targets.mse_modality, inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel())  # fmt: skip
+        terms = modus_loss(logits, velocity, inputs.targets, *inputs.targets.counts)
         optimizer.zero_grad()
         terms.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

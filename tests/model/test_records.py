@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from modus_mega.data.documents import IGNORE_LABEL
-from modus_mega.model.inputs import LossTargets, ModelInputs, map_tensors, record_from_tensors, record_tensors
+from modus_mega.losses import LossTargets
+from modus_mega.model.inputs import ModelInputs, map_tensors, record_from_tensors, record_tensors
 from modus_mega.parallel.pipeline import stage_micro_batch
 from modus_mega.vocab import build_vocabulary
 from tests.model.helpers import packed_batch, step_inputs

@@ -150,8 +150,7 @@ def _model(cfg: ModusConfig, ctx: ParallelContext, twin: str | None) -> ModusMod
 def _loss(model: ModusModel, inputs, ce) -> Tensor:
     logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
     return modus_loss(
-        logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target, inputs.targets.mse_modality,
-        inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel(), cross_entropy=ce,
+        logits, velocity, inputs.targets, *inputs.targets.counts, cross_entropy=ce,
     ).loss  # fmt: skip
 
 

@@ -33,8 +33,7 @@ def ctx() -> Iterator[ParallelContext]:
 def _loss(model: ModusModel, inputs) -> torch.Tensor:
     logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
     return modus_loss(
-        logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target, inputs.targets.mse_modality,
-        inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel(), cross_entropy=serial_cross_entropy,
+        logits, velocity, inputs.targets, *inputs.targets.counts, cross_entropy=serial_cross_entropy,
     ).loss  # fmt: skip
 
 

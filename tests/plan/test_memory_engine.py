@@ -248,12 +248,9 @@ def _run_micro_batches(cfg: Any, ctx: ParallelContext, ds_engine: Any, vae: Any,
         inputs = prepare_step_inputs(next(loader), vae, cfg.model, generator)
         inputs.model.vit_patches = inputs.model.vit_patches.to(dtype)
         inputs.model.vae_tokens = inputs.model.vae_tokens.to(dtype)
-        num_ce, num_mse = ctx.all_reduce_dp([inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel()])
+        num_ce, num_mse = ctx.all_reduce_dp([*inputs.targets.counts])
         logits, velocity = ds_engine(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
-        terms = modus_loss(
-            logits, inputs.targets.ce_labels, inputs.targets.ce_modality, velocity, inputs.targets.velocity_target, inputs.targets.mse_modality,
-            int(num_ce), int(num_mse), cross_entropy=cross_entropy,
-        )  # fmt: skip
+        terms = modus_loss(logits, velocity, inputs.targets, int(num_ce), int(num_mse), cross_entropy=cross_entropy)  # fmt: skip
         ds_engine.backward(terms.loss * ctx.dp, scale_wrt_gas=False)
         del logits, velocity, terms, inputs
         snapshots.append((_storages(ds_engine), _kinds(ds_engine)))

@@ -58,7 +58,7 @@ def _train_and_track(cfg: ModusConfig, ctx: ParallelContext) -> tuple[dict[str, 
     reference = _full_weights(engine, zero)
     for step in range(STEPS):
         inputs = step_inputs(copy.deepcopy(cfg), engine.model.vocab, num_samples=2, seed=10 * step + ctx.dp_rank)
-        num_ce, num_mse = ctx.all_reduce_dp([inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel()])
+        num_ce, num_mse = ctx.all_reduce_dp([*inputs.targets.counts])
         engine.train_step([inputs], (int(num_ce), int(num_mse)))
         assert engine.last_health.ok
         weights = _full_weights(engine, zero)

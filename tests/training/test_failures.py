@@ -52,7 +52,7 @@ def _step(engine, cfg: ModusConfig, ctx: ParallelContext, seed: int, loss_factor
 
     original = step_module.modus_loss
     inputs = step_inputs(copy.deepcopy(cfg), engine.model.vocab, num_samples=2, seed=seed)
-    num_ce, num_mse = ctx.all_reduce_dp([inputs.targets.ce_index.numel(), inputs.targets.mse_index.numel()])
+    num_ce, num_mse = ctx.all_reduce_dp([*inputs.targets.counts])
     with mock.patch.object(step_module, "modus_loss", scaled_loss):
         engine.train_step([inputs], (int(num_ce), int(num_mse)))
     return engine.last_health

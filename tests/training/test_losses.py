@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from modus_mega.losses import loss_means, loss_sums, modus_loss
+from modus_mega.losses import LossTargets, loss_means, loss_sums, modus_loss
 from modus_mega.modalities import MODALITY_ID
 from modus_mega.model.init import init_weights
 from modus_mega.model.modus import ModusModel
@@ -26,10 +26,11 @@ def test_ce_and_mse_equal_hand_computed_values() -> None:
     ce_tokens = [ce([2.0, 0.0, -1.0], 0), ce([0.5, 0.5, 3.0], 1)]
     mse_tokens = [(1 + 0) / 2, (1 + 1) / 2, (0 + 4) / 2]
     # global counts larger than this micro-batch's: the sums are divided by the global counts
-    out = modus_loss(
-        logits, labels, torch.tensor([caption, caption]), velocity, target, torch.tensor([rgb] * 3),
-        global_num_ce=4, global_num_mse=6, ce_weight=0.5, mse_weight=2.0,
+    targets = LossTargets(
+        ce_index=torch.arange(2), ce_labels=labels, ce_modality=torch.tensor([caption, caption]),
+        mse_index=torch.arange(2, 5), velocity_target=target, mse_modality=torch.tensor([rgb] * 3),
     )  # fmt: skip
+    out = modus_loss(logits, velocity, targets, global_num_ce=4, global_num_mse=6, ce_weight=0.5, mse_weight=2.0)
     expected = 0.5 * sum(ce_tokens) / 4 + 2.0 * sum(mse_tokens) / 6
     assert math.isclose(float(out.loss), expected, rel_tol=1e-6)
     assert math.isclose(float(out.ce_sum), sum(ce_tokens), rel_tol=1e-6)
@@ -47,10 +48,10 @@ def test_ce_and_mse_equal_hand_computed_values() -> None:
 
 
 def test_empty_terms_are_exactly_zero() -> None:
-    out = modus_loss(
-        torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-        torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 0, 0,
-    )  # fmt: skip
+    none = torch.zeros(0, dtype=torch.long)
+    targets = LossTargets(ce_index=none, ce_labels=none, ce_modality=none, mse_index=none,
+                          velocity_target=torch.zeros(0, 4), mse_modality=none)  # fmt: skip
+    out = modus_loss(torch.zeros(0, 5), torch.zeros(0, 4), targets, 0, 0)
     assert float(out.loss) == 0.0
 
 
@@ -64,8 +65,7 @@ def test_tokens_outside_the_target_get_zero_gradient(tiny_config) -> None:
     hidden = model.decode(model.embed(batch.model), ctx).detach().requires_grad_(True)
     logits, velocity = model.heads(hidden, batch.targets.ce_index, batch.targets.mse_index)
     out = modus_loss(
-        logits, batch.targets.ce_labels, batch.targets.ce_modality, velocity + 0.1, batch.targets.velocity_target, batch.targets.mse_modality,
-        batch.targets.ce_index.numel(), batch.targets.mse_index.numel(),
+        logits, velocity + 0.1, batch.targets, *batch.targets.counts,
     )  # fmt: skip
     out.loss.backward()
     supervised = torch.zeros(hidden.shape[0], dtype=torch.bool)
