@@ -18,8 +18,6 @@ import argparse
 from modus_mega.cli import add_debug_argument, run_cli
 from modus_mega.config import load_config
 from modus_mega.convert.release import check_bagel_config
-from modus_mega.parallel.context import ParallelContext
-from modus_mega.training.loop import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +43,11 @@ def _run(argv: list[str]) -> None:
     cfg = load_config(args.config, args.overrides)
     if cfg.init.bagel_dir:  # every mismatch with the release, in one line, before any rank starts
         check_bagel_config(cfg.model, cfg.init.bagel_dir)
+    # The training stack (torch, DeepSpeed, Megatron: ~10 s to import) only once the config is
+    # valid, so that a wrong value is reported at once, not after every rank imported it all.
+    from modus_mega.parallel.context import ParallelContext
+    from modus_mega.training.loop import train
+
     ctx = ParallelContext.initialize(cfg.parallel)
     try:
         result = train(cfg, ctx)

@@ -5,47 +5,10 @@ named tensors and loads them into (sharded) modules; ``hf`` and ``bagel`` write 
 their layouts; ``text_model`` writes the 1D expert as a stock ``Qwen3ForCausalLM``;
 ``python -m modus_mega.convert --help`` is the command line.
 
-Training runs, in and out (imported from their modules, not from here: they need the
-training stack, DeepSpeed and Megatron, which inference does not): ``run_init`` starts a
+Everything is imported from its module (``modus_mega.convert.hf.save_pretrained``); this
+package imports nothing, so a command that needs one light module (``release``, which
+``launch/pretrain.py`` checks a config with before importing the training stack) does not
+pay for ``transformers``' modelling code. Training runs, in and out: ``run_init`` starts a
 fresh run from ``init.bagel_dir`` at any tp x pp, ``deepspeed_run.DeepSpeedRunSource``
 reads a run's latest checkpoint at any tp, pp and ZeRO stage (its EMA weights too).
 """
-
-from modus_mega.convert.bagel import BagelSource, import_bagel, load_bagel_into, save_bagel, write_bagel
-from modus_mega.convert.hf import load_model, load_pretrained, open_hf, read_hf_config, save_pretrained, write_hf
-from modus_mega.convert.keymap import bagel_to_ours, ours_to_bagel
-from modus_mega.convert.release import check_bagel_config, release_model_config
-from modus_mega.convert.source import (
-    ModuleSource,
-    SafetensorsSource,
-    TensorSource,
-    VocabRowsSource,
-    extend_vocab_rows,
-    load_into,
-)
-from modus_mega.convert.text_model import write_text_model
-
-__all__ = [
-    "BagelSource",
-    "ModuleSource",
-    "SafetensorsSource",
-    "TensorSource",
-    "VocabRowsSource",
-    "bagel_to_ours",
-    "check_bagel_config",
-    "extend_vocab_rows",
-    "import_bagel",
-    "load_bagel_into",
-    "load_into",
-    "load_model",
-    "load_pretrained",
-    "open_hf",
-    "ours_to_bagel",
-    "read_hf_config",
-    "release_model_config",
-    "save_bagel",
-    "save_pretrained",
-    "write_bagel",
-    "write_hf",
-    "write_text_model",
-]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from modus_mega.convert import save_pretrained
+from modus_mega.convert.hf import save_pretrained
 from modus_mega.datasets import synth
 from modus_mega.tokenizers.text import train_tiny_text_tokenizer
 from tests.convert.helpers import random_reference, tiny_config
