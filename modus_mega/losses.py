@@ -44,7 +44,6 @@ class LossTargets:
         return self.ce_index.numel(), self.mse_index.numel()
 
 
-
 # (logits [N_ce, V], velocity [N_mse, P], targets) -> the scalar a step back-propagates for one micro-batch.
 # The training step builds it (``training/step.py``); a pipeline's last stage receives and runs it.
 MicroBatchLoss = Callable[[Tensor, Tensor, LossTargets], Tensor]
