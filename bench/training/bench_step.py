@@ -86,7 +86,12 @@ def run_once(package_root: Path, config: str, steps: int, warmup: int) -> float:
 
 
 def main() -> None:
-    """Parse; one measurement (``--single``) or the side-by-side comparison."""
+    """Parse; one measurement (``--single``) or the side-by-side comparison.
+
+    Imports nothing of the project's at module level: ``--single`` runs import the baseline's
+    package, which may predate any helper of today's. A wrong ``--baseline`` is argparse's
+    one-line usage error (exit status 2).
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/tiny.json", help="relative to each checkout's root")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per run")
@@ -104,7 +109,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as baseline_root:
         label = None
         if args.baseline != "none":
-            label = f"baseline {extract_commit(args.baseline, Path(baseline_root))}"
+            try:
+                label = f"baseline {extract_commit(args.baseline, Path(baseline_root))}"
+            except ValueError as error:
+                parser.error(str(error))
             medians[label] = []
         for round_index in range(args.rounds):
             for name, root in ((label, Path(baseline_root)), ("current", REPO)):
