@@ -25,12 +25,12 @@ import torch
 
 from modus_mega.config import config_from_dict, config_to_dict
 from modus_mega.data.loader import PackedLoader
-from modus_mega.losses import modus_loss
 from modus_mega.parallel.build import build_model, build_vae
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.training.loop import micro_batch_generator, train
 from modus_mega.training.prepare import prepare_step_inputs
 from tests.distributed.helpers import run_distributed
+from tests.model.helpers import micro_batch_loss
 
 STEPS = 4
 TWO_RANK_LAYOUTS = {
@@ -74,8 +74,7 @@ def _serial_worker(raw: dict, out: str) -> None:
         num_mse = sum(i.targets.mse_index.numel() for i in inputs)
         loss = 0.0
         for i in inputs:
-            logits, velocity = model(i.model, i.targets.ce_index, i.targets.mse_index)
-            terms = modus_loss(logits, velocity, i.targets, num_ce, num_mse)
+            terms = micro_batch_loss(model, i, global_counts=(num_ce, num_mse))
             terms.loss.backward()
             loss += terms.loss.item()
         grad_norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm().item()

@@ -18,14 +18,13 @@ import pytest
 import torch
 
 from modus_mega.config import ModusConfig, config_from_dict, config_to_dict
-from modus_mega.losses import modus_loss
 from modus_mega.model.inputs import StepInputs
 from modus_mega.parallel.build import build_model
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.recompute import apply_activation_checkpointing, is_recomputed
 from modus_mega.parallel.tensor_parallel import cross_entropy_fn
 from tests.distributed.helpers import run_distributed
-from tests.model.helpers import step_inputs
+from tests.model.helpers import micro_batch_loss, step_inputs
 
 
 def _loss_grads_saved(
@@ -41,10 +40,7 @@ def _loss_grads_saved(
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
-        terms = modus_loss(
-            logits, velocity, inputs.targets, *inputs.targets.counts, cross_entropy=cross_entropy_fn(ctx),
-        )  # fmt: skip
+        terms = micro_batch_loss(model, inputs, cross_entropy_fn(ctx))
     terms.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return terms.loss.item(), grads, saved_bytes

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from modus_mega.config import ModusConfig, ParallelConfig, config_from_dict, config_to_dict
-from modus_mega.losses import modus_loss, serial_cross_entropy
 from modus_mega.model.init import init_weights
 from modus_mega.model.modus import ModusModel
 from modus_mega.parallel.context import ParallelContext
@@ -39,7 +38,7 @@ from modus_mega.parallel.tensor_parallel import (
 )
 from modus_mega.training.loop import train
 from tests.distributed.helpers import run_distributed, run_in_layout
-from tests.model.helpers import step_inputs
+from tests.model.helpers import micro_batch_loss, step_inputs
 
 TP = 2
 TWINS = ("sequence_parallel", "sequence_parallel_recompute", "tensor_parallel")
@@ -75,14 +74,6 @@ def _twin(cfg: ModusConfig, ctx: ParallelContext, name: str) -> ModusModel:
     return model
 
 
-def _loss(model: ModusModel, inputs, ce) -> torch.Tensor:
-    logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
-    terms = modus_loss(
-        logits, velocity, inputs.targets, *inputs.targets.counts, cross_entropy=ce,
-    )  # fmt: skip
-    return terms.loss
-
-
 def _model_worker(raw: dict, out: str) -> None:
     cfg = config_from_dict(raw)
     cfg.model.attention_backend = "reference"
@@ -92,7 +83,7 @@ def _model_worker(raw: dict, out: str) -> None:
         init_weights(serial, seed=3, std=0.02)
         _set_o_bias(serial)
         inputs = step_inputs(copy.deepcopy(cfg), serial.vocab, num_samples=NUM_SAMPLES, seed=0)
-        loss = _loss(serial, inputs, serial_cross_entropy)
+        loss = micro_batch_loss(serial, inputs).loss
         loss.backward()
         result = {
             "num_tokens": inputs.model.token_type.numel(),
@@ -102,7 +93,7 @@ def _model_worker(raw: dict, out: str) -> None:
         }
         for name in TWINS:
             model = _twin(cfg, ctx, name)
-            loss = _loss(model, inputs, cross_entropy_fn(ctx))
+            loss = micro_batch_loss(model, inputs, cross_entropy_fn(ctx)).loss
             loss.backward()
             grads = {n: gather_tensor_parallel(p.grad, p, ctx) for n, p in model.named_parameters() if p.grad is not None}
             result[name] = (loss.item(), grads)

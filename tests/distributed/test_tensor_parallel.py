@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from modus_mega.config import ModusConfig, config_from_dict, config_to_dict
-from modus_mega.losses import modus_loss, serial_cross_entropy
 from modus_mega.model.init import init_weights
 from modus_mega.model.modus import ModusModel
 from modus_mega.parallel.context import ParallelContext
@@ -26,17 +25,9 @@ from modus_mega.parallel.tensor_parallel import (
     init_hooks,
 )
 from tests.distributed.helpers import run_distributed
-from tests.model.helpers import step_inputs
+from tests.model.helpers import micro_batch_loss, step_inputs
 
 TP = 2
-
-
-def _loss(model: ModusModel, inputs, ce) -> torch.Tensor:
-    logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
-    terms = modus_loss(
-        logits, velocity, inputs.targets, *inputs.targets.counts, cross_entropy=ce,
-    )  # fmt: skip
-    return terms.loss
 
 
 def _worker(raw: dict, out: str) -> None:
@@ -52,8 +43,8 @@ def _worker(raw: dict, out: str) -> None:
         init_weights(tp_model, seed=3, std=0.02, **init_hooks(ctx))
 
         inputs = step_inputs(copy.deepcopy(cfg), serial.vocab, num_samples=4, seed=0)
-        serial_loss = _loss(serial, inputs, serial_cross_entropy)
-        tp_loss = _loss(tp_model, inputs, cross_entropy_fn(ctx))
+        serial_loss = micro_batch_loss(serial, inputs).loss
+        tp_loss = micro_batch_loss(tp_model, inputs, cross_entropy_fn(ctx)).loss
         serial_loss.backward()
         tp_loss.backward()
 

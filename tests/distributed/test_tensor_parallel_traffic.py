@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from modus_mega.config import ModusConfig, ParallelConfig, config_from_dict, config_to_dict
-from modus_mega.losses import modus_loss
 from modus_mega.model.init import init_weights
 from modus_mega.model.inputs import TOKEN_VAE, TOKEN_VIT
 from modus_mega.model.modus import ModusModel
@@ -39,7 +38,7 @@ from modus_mega.plan.shapes import model_shape
 from modus_mega.plan.timing import tensor_parallel_traffic
 from modus_mega.plan.workload import MicroBatch
 from tests.distributed.helpers import run_distributed
-from tests.model.helpers import step_inputs
+from tests.model.helpers import micro_batch_loss, step_inputs
 
 TP = 2
 VARIANTS = [(sp, recompute, False) for sp in (False, True) for recompute in ("none", "full")]
@@ -106,10 +105,7 @@ def _worker(raw: dict, out: str) -> None:
             apply_activation_checkpointing(model, ParallelConfig(recompute=recompute))
             log: list[tuple[str, int, int]] = []
             with recording(log):
-                logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
-                modus_loss(
-                    logits, velocity, inputs.targets, *inputs.targets.counts, cross_entropy=cross_entropy_fn(variant),
-                ).loss.backward()  # fmt: skip
+                micro_batch_loss(model, inputs, cross_entropy_fn(variant)).loss.backward()
             result[_name(sp, recompute, frozen)] = log
         if ctx.rank == 0:
             (Path(out) / "collectives.json").write_text(json.dumps(result))

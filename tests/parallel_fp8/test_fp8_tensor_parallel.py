@@ -46,9 +46,8 @@ from modus_mega.parallel.tensor_parallel import (
     init_hooks,
     megatron_config,
 )
-from modus_mega.losses import modus_loss, serial_cross_entropy
 from tests.distributed.helpers import run_distributed
-from tests.model.helpers import step_inputs
+from tests.model.helpers import micro_batch_loss, step_inputs
 
 TP = 2
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
@@ -147,13 +146,6 @@ def _model(cfg: ModusConfig, ctx: ParallelContext, twin: str | None) -> ModusMod
     return model
 
 
-def _loss(model: ModusModel, inputs, ce) -> Tensor:
-    logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
-    return modus_loss(
-        logits, velocity, inputs.targets, *inputs.targets.counts, cross_entropy=ce,
-    ).loss  # fmt: skip
-
-
 def _grads(model: ModusModel, ctx: ParallelContext) -> dict[str, Tensor]:
     return {n: gather_tensor_parallel(p.grad, p, ctx) for n, p in model.named_parameters() if p.grad is not None}
 
@@ -168,7 +160,7 @@ def _worker(raw: dict, out: str) -> None:
         }
         serial = _model(cfg, ctx, None)
         inputs = step_inputs(copy.deepcopy(cfg), serial.vocab, num_samples=2, seed=0)
-        loss = _loss(serial, inputs, serial_cross_entropy)
+        loss = micro_batch_loss(serial, inputs).loss
         loss.backward()
         result["serial"] = (loss.item(), _grads(serial, ctx))
         # A checkpoint of the FP8 model loads into the bf16/fp32 one and back (Megatron's _extra_state included).
@@ -179,7 +171,7 @@ def _worker(raw: dict, out: str) -> None:
         result["state_dict_keys"] = (list(plain.state_dict()), list(fp8.state_dict()))
         for twin in TWINS:
             model = _model(cfg, ctx, twin)
-            loss = _loss(model, inputs, cross_entropy_fn(ctx))
+            loss = micro_batch_loss(model, inputs, cross_entropy_fn(ctx)).loss
             loss.backward()
             result[twin] = (loss.item(), _grads(model, ctx))
         torch.save(result, Path(out) / f"rank{ctx.rank}.pt")

@@ -17,8 +17,7 @@ from modus_mega.parallel.build import build_model
 from modus_mega.parallel.context import ParallelContext
 from modus_mega.parallel.fp8 import FLOAT8_LINEARS, apply_float8, compute_dtype, float8_autocast
 from modus_mega.parallel.fp8_torchao import Float8Linear
-from modus_mega.losses import modus_loss, serial_cross_entropy
-from tests.model.helpers import step_inputs
+from tests.model.helpers import micro_batch_loss, step_inputs
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +27,6 @@ def ctx() -> Iterator[ParallelContext]:
     ctx = ParallelContext.initialize(copy.deepcopy(_TINY.parallel))
     yield ctx
     ctx.close()
-
-
-def _loss(model: ModusModel, inputs) -> torch.Tensor:
-    logits, velocity = model(inputs.model, inputs.targets.ce_index, inputs.targets.mse_index)
-    return modus_loss(
-        logits, velocity, inputs.targets, *inputs.targets.counts, cross_entropy=serial_cross_entropy,
-    ).loss  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -107,7 +99,7 @@ def test_fp8_model_trains_close_to_fp32(tiny_config: ModusConfig, ctx: ParallelC
     tiny_config.training.precision = "fp8"
     apply_float8(fp8, tiny_config.training, ctx)
     inputs = step_inputs(copy.deepcopy(tiny_config), fp32.vocab, num_samples=2, seed=0)
-    loss32, loss8 = _loss(fp32, inputs), _loss(fp8, inputs)
+    loss32, loss8 = micro_batch_loss(fp32, inputs).loss, micro_batch_loss(fp8, inputs).loss
     loss32.backward()
     loss8.backward()
     assert loss8.item() != loss32.item()
@@ -129,10 +121,10 @@ def test_low_precision_runs_on_cpu_near_fp32(precision: str, tiny_config: ModusC
     apply_float8(low, tiny_config.training, ctx)
     low.to(dtype)
     inputs = step_inputs(copy.deepcopy(tiny_config), fp32.vocab, num_samples=2, seed=0)
-    loss32 = _loss(fp32, inputs)
+    loss32 = micro_batch_loss(fp32, inputs).loss
     inputs.model.vit_patches = inputs.model.vit_patches.to(dtype)  # what the engine casts
     inputs.model.vae_tokens = inputs.model.vae_tokens.to(dtype)
-    loss = _loss(low, inputs)
+    loss = micro_batch_loss(low, inputs).loss
     loss.backward()
     assert loss.dtype == torch.float32  # the loss is taken in fp32
     assert loss.item() == pytest.approx(loss32.item(), rel=2e-2)
