@@ -31,22 +31,15 @@ MMAP_THRESHOLD_BYTES = 32 << 20  # glibc refuses more (HEAP_MAX_SIZE / 2 on 64-b
 TRIM_THRESHOLD_BYTES = 256 << 20
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
-_applied = False
-
-
 def keep_freed_blocks_in_heap() -> bool:
     """Fix glibc's mmap and trim thresholds for this process (module docstring); True if they are set.
 
-    Idempotent. Returns False, changing nothing, off glibc or where the user set either
-    threshold in the environment.
+    Setting them again is harmless (the same values). Returns False, changing nothing, off
+    glibc or where the user set either threshold in the environment.
     """
-    global _applied
-    if _applied:
-        return True
     if platform.libc_ver()[0] != "glibc" or any(name in os.environ for name in USER_SETTINGS):
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
     mmap_ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     trim_ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
-    _applied = mmap_ok and trim_ok
-    return _applied
+    return mmap_ok and trim_ok
